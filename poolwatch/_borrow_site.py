@@ -1,0 +1,126 @@
+"""Where the application took a connection: the first frame outside the libraries in between.
+
+This runs on every checkout, so the walk is kept cheap: each code object is classified once and
+cached, and only the chosen frame's line number is computed. For async engines the checkout runs in
+SQLAlchemy's greenlet, whose frames end at the greenlet; the walk continues in the parent greenlet,
+which is suspended inside the application's ``await``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from types import CodeType, FrameType
+
+try:
+    import greenlet as _greenlet
+except ImportError:  # pragma: no cover - greenlet comes with sqlalchemy[asyncio]
+    _greenlet = None
+
+
+def _package_dir(module_name: str) -> str | None:
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            return None
+    file = getattr(module, "__file__", None)
+    return os.path.dirname(os.path.abspath(file)) + os.sep if file else None
+
+
+_SKIPPED_PACKAGES = ("poolwatch", "sqlalchemy", "starlette", "fastapi", "anyio", "asyncio",
+                     "concurrent", "greenlet", "uvicorn")  # fmt: skip
+_SKIPPED_MODULES = ("contextlib", "threading", "contextvars", "functools")
+_skipped_prefixes: tuple[str, ...] = tuple(
+    p for p in (_package_dir(name) for name in _SKIPPED_PACKAGES) if p is not None
+)
+_skipped_files: frozenset[str] = frozenset(
+    os.path.abspath(f)
+    for f in (getattr(sys.modules.get(m) or __import__(m), "__file__", None) for m in _SKIPPED_MODULES)
+    if f
+)
+
+_is_library_code: dict[CodeType, bool] = {}
+_MAX_FRAMES = 200
+
+
+def _classify(code: CodeType) -> bool:
+    filename = code.co_filename
+    library = (
+        filename.startswith("<")  # generated code: dataclasses, attrs, eval
+        or filename.startswith(_skipped_prefixes)
+        or filename in _skipped_files
+    )
+    _is_library_code[code] = library
+    return library
+
+
+def application_frame(start: FrameType | None) -> FrameType | None:
+    """The innermost frame at or above ``start`` that belongs to the application."""
+    frame = start
+    is_library = _is_library_code
+    hops = 0
+    crossed_greenlet = False
+    while hops < _MAX_FRAMES:
+        if frame is None:
+            if crossed_greenlet:
+                return None
+            frame = _parent_greenlet_frame()
+            crossed_greenlet = True
+            if frame is None:
+                return None
+        code = frame.f_code
+        library = is_library.get(code)
+        if library is None:
+            library = _classify(code)
+        if not library:
+            return frame
+        frame = frame.f_back
+        hops += 1
+    return None
+
+
+def _parent_greenlet_frame() -> FrameType | None:
+    if _greenlet is None:
+        return None
+    current = _greenlet.getcurrent()
+    parent = current.parent
+    if parent is None:
+        return None
+    frame: FrameType | None = parent.gr_frame
+    return frame
+
+
+def borrow_site(depth: int) -> tuple[CodeType, int] | None:
+    """(code, line) of the application frame that took the connection; cheap to keep.
+
+    ``depth`` counts frames up from this function, as ``sys._getframe`` does.
+    """
+    frame = application_frame(sys._getframe(depth))
+    if frame is None:
+        return None
+    return frame.f_code, frame.f_lineno
+
+
+def borrow_stack(depth: int) -> traceback.StackSummary:
+    """The whole stack, across the greenlet boundary, without reading source lines now."""
+    frames: list[tuple[FrameType, int]] = []
+    frame: FrameType | None = sys._getframe(depth)
+    parent_hops = 0
+    while frame is not None and len(frames) < _MAX_FRAMES:
+        frames.append((frame, frame.f_lineno))
+        frame = frame.f_back
+        if frame is None and parent_hops == 0:
+            frame = _parent_greenlet_frame()
+            parent_hops += 1
+    frames.reverse()
+    return traceback.StackSummary.extract(iter(frames), lookup_lines=False)
+
+
+def describe_site(site: tuple[CodeType, int] | None) -> dict[str, str]:
+    if site is None:
+        return {"site": "<unknown>", "function": "<unknown>"}
+    code, line = site
+    return {"site": f"{code.co_filename}:{line}", "function": code.co_qualname}

@@ -1,0 +1,83 @@
+"""The request a checkout belongs to, carried in a ContextVar set by the ASGI middleware.
+
+A ContextVar follows the request into sync endpoints (Starlette copies the context into the
+threadpool), into SQLAlchemy's greenlet for async engines, into dependencies with ``yield`` and into
+background tasks, so one lookup at checkout time is all attribution costs on the hot path.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+NO_REQUEST = "<none>"
+UNMATCHED = "<unmatched>"
+
+
+class RequestContext:
+    """One HTTP request. The route is resolved lazily: routing happens after the middleware runs."""
+
+    __slots__ = ("scope", "queries", "response_started", "_route")
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.scope = scope
+        self.queries = 0
+        # Set once the app has begun its response: work after that outlives the request.
+        self.response_started = False
+        self._route: str | None = None
+
+    @property
+    def route(self) -> str:
+        """The route template, or ``<unmatched>``; stable once routing is done."""
+        if self._route is not None:
+            return self._route
+        route = self.scope.get("route")
+        if route is None:
+            return UNMATCHED
+        template = route_template(route, self.scope)
+        self._route = template
+        return template
+
+
+current_request: ContextVar[RequestContext | None] = ContextVar("poolwatch_request", default=None)
+
+
+def route_label(context: RequestContext | None) -> str:
+    return NO_REQUEST if context is None else context.route
+
+
+# id(route) -> (route, mount prefix). Keeping the route object alive makes the id safe to reuse.
+_mount_prefixes: dict[int, tuple[Any, str]] = {}
+
+
+def route_template(route: Any, scope: dict[str, Any]) -> str:
+    """``/users/{user_id}`` for a route, with the templates of any Mounts it sits under."""
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED
+    # Only a mounted sub-app changes root_path; everything else already has its full template.
+    if scope.get("root_path", "") == scope.get("app_root_path", scope.get("root_path", "")):
+        return path
+    cached = _mount_prefixes.get(id(route))
+    if cached is None or cached[0] is not route:
+        router = scope.get("router")
+        prefix = _find_mount_prefix(getattr(router, "routes", ()), route, depth=0)
+        cached = (route, prefix if prefix is not None else "")
+        _mount_prefixes[id(route)] = cached
+    return cached[1] + path
+
+
+def _find_mount_prefix(routes: Any, target: Any, depth: int) -> str | None:
+    if depth > 16:  # a pathological or cyclic mount tree; give up rather than recurse forever
+        return None
+    for candidate in routes:
+        if candidate is target:
+            return ""
+        children = getattr(candidate, "routes", None)
+        if not children:
+            continue
+        found = _find_mount_prefix(children, target, depth + 1)
+        if found is not None:
+            own = getattr(candidate, "path", "") if hasattr(candidate, "path_regex") else ""
+            return (own or "") + found
+    return None

@@ -1,0 +1,28 @@
+"""Per-request facts that belong to no single pool: statements per request, by route."""
+
+from __future__ import annotations
+
+import threading
+
+from ._histogram import COUNT_BUCKETS, Histogram
+
+Buckets = tuple[list[tuple[str, float]], float]
+
+
+class RequestStats:
+    """``poolwatch_request_queries{route}``: how many statements each request ran."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queries: dict[str, Histogram] = {}
+
+    def request_finished(self, route: str, queries: int) -> None:
+        with self._lock:
+            histogram = self._queries.get(route)
+            if histogram is None:
+                histogram = self._queries[route] = Histogram(COUNT_BUCKETS)
+            histogram.observe(queries)
+
+    def snapshot(self) -> dict[str, Buckets]:
+        with self._lock:
+            return {route: h.cumulative() for route, h in self._queries.items()}
