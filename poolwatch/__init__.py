@@ -1,8 +1,8 @@
 """poolwatch: see a SQLAlchemy connection pool from a FastAPI (or any ASGI) service.
 
-    app.add_middleware(PoolWatchMiddleware, engines=[engine])
-    # or
-    poolwatch.instrument(app, engine)
+app.add_middleware(PoolWatchMiddleware, engines=[engine])
+# or
+poolwatch.instrument(app, engine)
 """
 
 from __future__ import annotations

@@ -38,11 +38,13 @@ _skipped_prefixes: tuple[str, ...] = tuple(
 )
 _skipped_files: frozenset[str] = frozenset(
     os.path.abspath(f)
-    for f in (getattr(sys.modules.get(m) or __import__(m), "__file__", None) for m in _SKIPPED_MODULES)
+    for f in (
+        getattr(sys.modules.get(m) or __import__(m), "__file__", None) for m in _SKIPPED_MODULES
+    )
     if f
 )
 
-_is_library_code: dict[CodeType, bool] = {}
+is_library_code: dict[CodeType, bool] = {}
 _MAX_FRAMES = 200
 
 
@@ -53,14 +55,14 @@ def _classify(code: CodeType) -> bool:
         or filename.startswith(_skipped_prefixes)
         or filename in _skipped_files
     )
-    _is_library_code[code] = library
+    is_library_code[code] = library
     return library
 
 
 def application_frame(start: FrameType | None) -> FrameType | None:
     """The innermost frame at or above ``start`` that belongs to the application."""
     frame = start
-    is_library = _is_library_code
+    is_library = is_library_code
     hops = 0
     crossed_greenlet = False
     while hops < _MAX_FRAMES:
@@ -96,11 +98,18 @@ def _parent_greenlet_frame() -> FrameType | None:
 def borrow_site(depth: int) -> tuple[CodeType, int] | None:
     """(code, line) of the application frame that took the connection; cheap to keep.
 
-    ``depth`` counts frames up from this function, as ``sys._getframe`` does.
+    ``depth`` counts frames up from this function, as ``sys._getframe`` does. The first frame is
+    tested here before handing over to the full walk: code that calls the pool directly is common.
     """
-    frame = application_frame(sys._getframe(depth))
-    if frame is None:
-        return None
+    frame = sys._getframe(depth)
+    library = is_library_code.get(frame.f_code)
+    if library is None:
+        library = _classify(frame.f_code)
+    if library:
+        found = application_frame(frame.f_back)
+        if found is None:
+            return None
+        frame = found
     return frame.f_code, frame.f_lineno
 
 

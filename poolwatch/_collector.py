@@ -98,29 +98,75 @@ class _Families:
 
     def __init__(self) -> None:
         p = ["pool"]
-        self.connections = _gauge("poolwatch_connections", "Connections checked out (used) or idle in the pool now.", ["pool", "state"])
-        self.connections_max = _gauge("poolwatch_connections_max", "pool_size + max_overflow (absent for unbounded pools).", p)
-        self.overflow = _gauge("poolwatch_connections_overflow", "Connections open beyond pool_size now.", p)
-        self.pending = _gauge("poolwatch_pending_requests", "Callers waiting for a connection now.", p)
-        self.oldest = _gauge("poolwatch_oldest_checkout_age_seconds", "Age of the longest-held checkout now (0 if none).", p)
-        self.leaked = _gauge("poolwatch_leaked_connections", "Checkouts held longer than the leak threshold now.", p)
-        self.info = _gauge("poolwatch_pool_info", "What the pool is.", ["pool", "dialect", "driver", "pool_class"])
+        self.connections = _gauge(
+            "poolwatch_connections",
+            "Connections checked out (used) or idle in the pool now.",
+            ["pool", "state"],
+        )
+        self.connections_max = _gauge(
+            "poolwatch_connections_max", "pool_size + max_overflow (absent for unbounded pools).", p
+        )
+        self.overflow = _gauge(
+            "poolwatch_connections_overflow", "Connections open beyond pool_size now.", p
+        )
+        self.pending = _gauge(
+            "poolwatch_pending_requests", "Callers waiting for a connection now.", p
+        )
+        self.oldest = _gauge(
+            "poolwatch_oldest_checkout_age_seconds",
+            "Age of the longest-held checkout now (0 if none).",
+            p,
+        )
+        self.leaked = _gauge(
+            "poolwatch_leaked_connections", "Checkouts held longer than the leak threshold now.", p
+        )
+        self.info = _gauge(
+            "poolwatch_pool_info", "What the pool is.", ["pool", "dialect", "driver", "pool_class"]
+        )
         self.checkouts = _counter("poolwatch_checkouts", "Checkouts.", p)
         self.checkins = _counter("poolwatch_checkins", "Checkins.", p)
         self.connects = _counter("poolwatch_connects", "New DBAPI connections opened.", p)
         self.disconnects = _counter("poolwatch_disconnects", "DBAPI connections closed.", p)
-        self.timeouts = _counter("poolwatch_timeouts", "Checkouts that gave up (pool limit reached).", p)
-        self.pre_ping = _counter("poolwatch_pre_ping_failures", "Pre-ping found a dead connection.", p)
-        self.invalidations = _counter("poolwatch_invalidations", "Invalidated connections by reason.", ["pool", "reason"])
-        self.leaks = _counter("poolwatch_leaks", "Checkouts that crossed the leak threshold.", ["pool", "route"])
-        self.gc_reclaimed = _counter("poolwatch_gc_reclaimed", "Checkouts never returned, reclaimed by the garbage collector.", ["pool", "route"])
-        self.after_response = _counter("poolwatch_checkouts_after_response", "Checkouts made after the response started (streaming bodies, background tasks).", ["pool", "route"])
-        self.query_errors = _counter("poolwatch_query_errors", "Statements that raised.", ["pool", "operation", "error"])
-        self.internal_errors = _counter("poolwatch_internal_errors", "poolwatch's own swallowed failures.", [])
+        self.timeouts = _counter(
+            "poolwatch_timeouts", "Checkouts that gave up (pool limit reached).", p
+        )
+        self.pre_ping = _counter(
+            "poolwatch_pre_ping_failures", "Pre-ping found a dead connection.", p
+        )
+        self.invalidations = _counter(
+            "poolwatch_invalidations", "Invalidated connections by reason.", ["pool", "reason"]
+        )
+        self.leaks = _counter(
+            "poolwatch_leaks", "Checkouts that crossed the leak threshold.", ["pool", "route"]
+        )
+        self.gc_reclaimed = _counter(
+            "poolwatch_gc_reclaimed",
+            "Checkouts never returned, reclaimed by the garbage collector.",
+            ["pool", "route"],
+        )
+        self.after_response = _counter(
+            "poolwatch_checkouts_after_response",
+            "Checkouts made after the response started (streaming bodies, background tasks).",
+            ["pool", "route"],
+        )
+        self.query_errors = _counter(
+            "poolwatch_query_errors", "Statements that raised.", ["pool", "operation", "error"]
+        )
+        self.internal_errors = _counter(
+            "poolwatch_internal_errors", "poolwatch's own swallowed failures.", []
+        )
         self.wait = _histogram("poolwatch_wait_seconds", "Time spent waiting for a checkout.", p)
-        self.use = _histogram("poolwatch_use_seconds", "Time a connection was held, checkout to checkin.", ["pool", "route"])
-        self.connect = _histogram("poolwatch_connect_seconds", "Time to open a new DBAPI connection.", p)
-        self.query = _histogram("poolwatch_query_seconds", "Statement execution time.", ["pool", "operation"])
+        self.use = _histogram(
+            "poolwatch_use_seconds",
+            "Time a connection was held, checkout to checkin.",
+            ["pool", "route"],
+        )
+        self.connect = _histogram(
+            "poolwatch_connect_seconds", "Time to open a new DBAPI connection.", p
+        )
+        self.query = _histogram(
+            "poolwatch_query_seconds", "Statement execution time.", ["pool", "operation"]
+        )
         self.request_queries = _histogram("poolwatch_request_queries", "Statements executed per HTTP request.", ["route"])  # fmt: skip
 
     def add_pool(self, recorder: PoolRecorder, snap: RecorderSnapshot, state: PoolState) -> None:

@@ -17,25 +17,26 @@ UNMATCHED = "<unmatched>"
 class RequestContext:
     """One HTTP request. The route is resolved lazily: routing happens after the middleware runs."""
 
-    __slots__ = ("scope", "queries", "response_started", "_route")
+    __slots__ = ("queries", "resolved_route", "response_started", "scope")
 
     def __init__(self, scope: dict[str, Any]) -> None:
         self.scope = scope
         self.queries = 0
         # Set once the app has begun its response: work after that outlives the request.
         self.response_started = False
-        self._route: str | None = None
+        # The template once known; read directly on the hot path to skip the property call.
+        self.resolved_route: str | None = None
 
     @property
     def route(self) -> str:
         """The route template, or ``<unmatched>``; stable once routing is done."""
-        if self._route is not None:
-            return self._route
+        if self.resolved_route is not None:
+            return self.resolved_route
         route = self.scope.get("route")
         if route is None:
             return UNMATCHED
         template = route_template(route, self.scope)
-        self._route = template
+        self.resolved_route = template
         return template
 
 

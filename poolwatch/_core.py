@@ -12,6 +12,7 @@ from prometheus_client.registry import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from ._collector import PoolWatchCollector
+from ._dialect_hooks import hook_dialect, unhook_dialect
 from ._engines import collect_engines
 from ._leaks import sweeper
 from ._listeners import EngineListeners
@@ -26,15 +27,17 @@ class _Instrumented:
 
     def __init__(self, name: str, engine: Engine, settings: PoolWatchSettings) -> None:
         self.recorder = PoolRecorder(name, engine, settings)
-        self.listeners = EngineListeners(self.recorder, settings.slow_query_seconds)
+        self.listeners = EngineListeners(self.recorder)
         self.owners = 0
         hook_pool(engine.pool, self.recorder)
+        hook_dialect(engine.dialect, self.recorder, settings.slow_query_seconds)
         self.listeners.install(engine)
         sweeper.add(self.recorder)
 
     def release(self, engine: Engine) -> None:
         sweeper.discard(self.recorder)
         self.listeners.remove(engine)
+        unhook_dialect(engine.dialect)
         unhook_pool(engine.pool)
 
 

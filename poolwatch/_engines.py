@@ -38,10 +38,14 @@ def collect_engines(engines: Iterable[Any], name: str | None = None) -> list[tup
         else:
             named.append((None, sync_engine_of(item, f"engine #{position + 1}")))
     if not named:
-        raise TypeError("poolwatch: no engine given; pass an Engine, an AsyncEngine or {name: engine}")
+        raise TypeError(
+            "poolwatch: no engine given; pass an Engine, an AsyncEngine or {name: engine}"
+        )
     if name is not None:
         if len(named) != 1:
-            raise TypeError("poolwatch: name= names a single engine; pass {name: engine} for several")
+            raise TypeError(
+                "poolwatch: name= names a single engine; pass {name: engine} for several"
+            )
         named = [(name, named[0][1])]
 
     result: list[tuple[str, Engine]] = []

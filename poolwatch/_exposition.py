@@ -18,7 +18,9 @@ class Rendered:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-def render(registry: CollectorRegistry, accept: str | None, accept_encoding: str | None) -> Rendered:
+def render(
+    registry: CollectorRegistry, accept: str | None, accept_encoding: str | None
+) -> Rendered:
     encoder, content_type = choose_encoder(accept or "")
     rendered = Rendered(encoder(registry), content_type, [(b"vary", b"Accept, Accept-Encoding")])
     if gzip_accepted(accept_encoding or ""):

@@ -1,7 +1,8 @@
-"""SQLAlchemy event listeners: the facts that do have events, registered on the engine.
+"""SQLAlchemy pool event listeners, and the hook that follows ``engine.dispose()`` to the new pool.
 
-Registering on the engine (``sync_engine`` for an AsyncEngine) rather than on the pool keeps them
-through ``engine.dispose()``. Each listener swallows and counts its own failures.
+Only PoolEvents are used: registered on the engine they travel with the pool through
+``engine.dispose()`` (SQLAlchemy hands the dispatch to the recreated pool), and unlike
+ConnectionEvents they leave the statement path untouched (see ``_dialect_hooks``).
 """
 
 from __future__ import annotations
@@ -11,35 +12,26 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from ._context import current_request, route_label
-from ._log import logger, swallowing
+from ._log import internal_errors, swallowing
 from ._pool_hooks import hook_pool
-from ._recorder import perf_counter
-from ._sql import fingerprint, operation_of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from ._recorder import PoolRecorder
 
-_STARTED = "_poolwatch_started"
+_DISPOSE_MARK = "_poolwatch_dispose"
 
 
 class EngineListeners:
-    """The listeners poolwatch puts on one engine, kept so they can be taken off again."""
+    """What poolwatch attaches to one engine besides the pool hooks, kept to be taken off again."""
 
-    def __init__(self, recorder: PoolRecorder, slow_query_seconds: float) -> None:
+    def __init__(self, recorder: PoolRecorder) -> None:
         self.recorder = recorder
-        self.slow_query_seconds = slow_query_seconds
         self._registered: list[tuple[str, Callable[..., Any]]] = []
 
     def install(self, engine: Engine) -> None:
         recorder = self.recorder
-        slow = self.slow_query_seconds
-
-        @swallowing("engine_disposed")
-        def on_engine_disposed(engine: Engine) -> None:
-            hook_pool(engine.pool, recorder)
 
         @swallowing("invalidate")
         def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
@@ -49,60 +41,36 @@ class EngineListeners:
         def on_soft_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
             recorder.invalidated("soft")
 
-        @swallowing("handle_error")
-        def on_handle_error(context: Any) -> None:
-            error = type(context.original_exception).__name__
-            if context.is_pre_ping:
-                recorder.pre_ping_failed(error)
-                return
-            statement = context.statement
-            if statement is not None:
-                recorder.query_failed(operation_of(statement), error)
-
-        @swallowing("before_cursor_execute")
-        def before_cursor_execute(
-            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
-        ) -> None:
-            request = current_request.get()
-            if request is not None:
-                request.queries += 1
-            if context is not None:
-                setattr(context, _STARTED, perf_counter())
-
-        @swallowing("after_cursor_execute")
-        def after_cursor_execute(
-            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
-        ) -> None:
-            started = getattr(context, _STARTED, None)
-            if started is None:
-                return
-            elapsed = perf_counter() - started
-            operation = operation_of(statement)
-            recorder.query_finished(operation, elapsed)
-            if slow and elapsed >= slow:
-                logger.warning(
-                    "poolwatch.slow_query",
-                    pool=recorder.name,
-                    route=route_label(current_request.get()),
-                    operation=operation,
-                    seconds=round(elapsed, 4),
-                    threshold_seconds=slow,
-                    fingerprint=fingerprint(statement),
-                )
-
-        for name, function in (
-            ("engine_disposed", on_engine_disposed),
-            ("invalidate", on_invalidate),
-            ("soft_invalidate", on_soft_invalidate),
-            ("handle_error", on_handle_error),
-            ("before_cursor_execute", before_cursor_execute),
-            ("after_cursor_execute", after_cursor_execute),
-        ):
+        for name, function in (("invalidate", on_invalidate), ("soft_invalidate", on_soft_invalidate)):
             event.listen(engine, name, function)
             self._registered.append((name, function))
+        _follow_dispose(engine, recorder)
 
     def remove(self, engine: Engine) -> None:
         for name, function in self._registered:
             if event.contains(engine, name, function):
                 event.remove(engine, name, function)
         self._registered.clear()
+        engine.__dict__.pop("dispose", None)
+        engine.__dict__.pop(_DISPOSE_MARK, None)
+
+
+def _follow_dispose(engine: Engine, recorder: PoolRecorder) -> None:
+    """Hook the pool that ``engine.dispose()`` creates.
+
+    The ``engine_disposed`` event would do it, but it is a ConnectionEvents listener and so would
+    slow every statement (see ``_dialect_hooks``). AsyncEngine.dispose calls this same method.
+    """
+    if engine.__dict__.get(_DISPOSE_MARK) is recorder:
+        return
+    original_dispose = type(engine).dispose
+
+    def dispose(close: bool = True) -> None:
+        original_dispose(engine, close)
+        try:
+            hook_pool(engine.pool, recorder)
+        except Exception as error:
+            internal_errors.record("dispose", error)
+
+    engine.__dict__["dispose"] = dispose
+    engine.__dict__[_DISPOSE_MARK] = recorder

@@ -12,12 +12,17 @@ and the ``engine_disposed`` listener (in ``_listeners``) hooks that one too.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from sys import _getframe as getframe
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 
+from ._borrow_site import borrow_site, borrow_stack, is_library_code
+from ._context import NO_REQUEST, current_request
+from ._histogram import Histogram
 from ._log import internal_errors
-from ._recorder import perf_counter
+from ._recorder import CheckoutEntry, perf_counter
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import Pool
@@ -39,11 +44,21 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     original_creator = pool._invoke_creator
     original_close = pool._close_connection
 
+    # The two functions below run on every checkout and checkin. They keep the bookkeeping inline
+    # (one Python frame each, locals instead of attribute lookups) because on this path a call
+    # costs as much as the work; the recorder owns the state and everything that is not per-event.
+    waits_started = recorder.waits_started
+    waits_finished = recorder.waits_finished
+    open_checkouts = recorder.open_checkouts
+    leaked_records = recorder.leaked_records
+    use_by_route = recorder.use
+    wait = recorder.wait
+    acquire = recorder.lock.acquire
+    release = recorder.lock.release
+    get_request = current_request.get
+
     def connect() -> Any:
-        try:
-            recorder.wait_started()
-        except Exception as error:
-            internal_errors.record("wait_started", error)
+        next(waits_started)
         started = perf_counter()
         try:
             fairy = original_connect()
@@ -54,14 +69,70 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
             _failed_wait(recorder, started, timed_out=False)
             raise
         try:
-            recorder.checked_out(fairy, started)
+            now = perf_counter()
+            waited = now - started
+            record = fairy._connection_record
+            request = get_request()
+            site = None
+            if recorder.capture_site:
+                # The caller's frame is tested inline: when it is application code (a direct
+                # pool.connect()) that saves the call into the borrow-site walk.
+                caller = getframe(1)
+                if is_library_code.get(caller.f_code) is False:
+                    site = (caller.f_code, caller.f_lineno)
+                else:
+                    site = borrow_site(2)
+            # A plain tuple (see CheckoutEntry), built before the lock: see _recorder's docstring.
+            entry = (
+                now,
+                request,
+                record.fairy_ref,
+                site,
+                borrow_stack(2) if recorder.capture_stack else None,
+            )
+            acquire()
+            try:
+                wait.counts[bisect_left(wait.bounds, waited)] += 1
+                wait.total += waited
+                if record not in open_checkouts:  # else handed out again (SingletonThreadPool)
+                    recorder.checkouts += 1
+                    open_checkouts[record] = entry
+            finally:
+                release()
+            next(waits_finished)
+            if request is not None and request.response_started:
+                recorder.count_after_response(request.route)
         except Exception as error:
             internal_errors.record("checkout", error)
         return fairy
 
     def do_return_conn(record: Any) -> None:
         try:
-            recorder.checked_in(record)
+            entry = open_checkouts.get(record)
+            if entry is not None:  # else taken before poolwatch was installed
+                held = perf_counter() - entry[0]
+                request = entry[1]
+                fairy_ref = entry[2]
+                # Resolving a route may allocate, so it happens before taking the lock.
+                route = NO_REQUEST if request is None else (request.resolved_route or request.route)
+                use = use_by_route.get(route)
+                if use is None:
+                    use = use_by_route.setdefault(route, Histogram())
+                reclaimed = fairy_ref is not None and fairy_ref() is None
+                acquire()
+                try:
+                    counted = open_checkouts.pop(record, None) is not None
+                    if counted:
+                        recorder.checkins += 1
+                        use.counts[bisect_left(use.bounds, held)] += 1
+                        use.total += held
+                        if reclaimed:
+                            recorder.gc_reclaimed[route] = recorder.gc_reclaimed.get(route, 0) + 1
+                finally:
+                    release()
+                if counted and (reclaimed or (leaked_records and record in leaked_records)):
+                    leaked_records.discard(record)
+                    recorder.returned_notably(CheckoutEntry(*entry), route, held, reclaimed)
         except Exception as error:
             internal_errors.record("checkin", error)
         original_return(record)

@@ -4,12 +4,18 @@ Everything here is written on the hot path, so it is plain Python objects under 
 no prometheus_client objects, no label tuples built per event, no stack walks beyond the cached
 borrow-site lookup. The collector reads a snapshot at scrape time.
 
-The lock is re-entrant because the garbage collector may return a lost connection (and so call
-``checked_in``) from any allocation, including one made while this thread holds the lock.
+Exact counts under threads need the lock, but a lock costs as much here as half of SQLAlchemy's own
+checkout, so the hot path takes it once per checkout and once per checkin (plain acquire/release, not
+a ``with`` block) and the waiting-callers gauge uses two atomic ``itertools.count`` tickers instead.
+
+The garbage collector may return a lost connection (and so call ``checked_in``) from any allocation
+of a tracked object, even one made while this thread holds the lock. Nothing that allocates such an
+object runs while the lock is held, so that re-entry can never find the lock taken by itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import traceback
@@ -17,10 +23,10 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._borrow_site import borrow_site, borrow_stack, describe_site
-from ._context import NO_REQUEST, RequestContext, current_request, route_label
+from ._borrow_site import describe_site
+from ._context import NO_REQUEST, RequestContext, route_label
 from ._histogram import Histogram
 from ._log import logger
 
@@ -35,29 +41,29 @@ OPERATIONS = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRANSACTION", "DDL", "OTH
 perf_counter = time.perf_counter
 
 
-def _ignore_weakref(_: Any) -> None:
-    """Give our weakref a callback so CPython clears it before running finalizers (gh-135552)."""
+def ticker_value(ticker: itertools.count[int]) -> int:
+    """How many times ``next()`` was called on an ``itertools.count()`` started at 0.
+
+    ``next(count)`` is a single atomic C call, which makes it the cheapest exact counter shared
+    between threads; its repr, ``count(N)``, is the only public way to read it without advancing.
+    """
+    return int(repr(ticker)[6:-1])
 
 
-class CheckoutEntry:
-    """One connection out of the pool right now."""
+class CheckoutEntry(NamedTuple):
+    """One connection out of the pool right now.
 
-    __slots__ = ("started", "request", "fairy_ref", "site", "stack", "leaked")
+    Built on every checkout, so the hot path makes it as a plain tuple (a NamedTuple's constructor
+    is a Python call); this class names the fields for every other reader.
+    """
 
-    def __init__(
-        self,
-        started: float,
-        request: RequestContext | None,
-        fairy_ref: weakref.ref[Any],
-        site: tuple[CodeType, int] | None,
-        stack: traceback.StackSummary | None,
-    ) -> None:
-        self.started = started
-        self.request = request
-        self.fairy_ref = fairy_ref
-        self.site = site
-        self.stack = stack
-        self.leaked = False
+    started: float
+    request: RequestContext | None
+    # SQLAlchemy's own weakref to the connection proxy: dead at checkin means the garbage
+    # collector, not the application, returned the connection.
+    fairy_ref: weakref.ref[Any] | None
+    site: tuple[CodeType, int] | None
+    stack: traceback.StackSummary | None
 
 
 @dataclass
@@ -103,7 +109,12 @@ class PoolRecorder:
         self.capture_stack = settings.leak_capture_stack and self.capture_site
         self.dialect = engine.dialect.name
         self.driver = engine.dialect.driver
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
+        self._acquire = self.lock.acquire
+        self._release = self.lock.release
+        # Callers inside Pool.connect now = started - finished; both are atomic tickers.
+        self.waits_started = itertools.count()
+        self.waits_finished = itertools.count()
 
         self.checkouts = 0
         self.checkins = 0
@@ -111,7 +122,6 @@ class PoolRecorder:
         self.disconnects = 0
         self.timeouts = 0
         self.pre_ping_failures = 0
-        self.pending = 0
         self.invalidations: dict[str, int] = {}
         self.leaks: dict[str, int] = {NO_REQUEST: 0}
         self.gc_reclaimed: dict[str, int] = {NO_REQUEST: 0}
@@ -123,6 +133,8 @@ class PoolRecorder:
         self.query: dict[str, Histogram] = {op: Histogram() for op in OPERATIONS}
         # Keyed by SQLAlchemy's connection record, which outlives the checkout and is hashable.
         self.open_checkouts: dict[Any, CheckoutEntry] = {}
+        # Records whose checkout the sweeper flagged; checked at checkin only while non-empty.
+        self.leaked_records: set[Any] = set()
 
     @property
     def engine(self) -> Engine | None:
@@ -135,58 +147,24 @@ class PoolRecorder:
 
     # -- hot path: checkout and checkin ---------------------------------------------------------
 
-    def wait_started(self) -> None:
-        with self.lock:
-            self.pending += 1
-
-    def checked_out(self, fairy: Any, started: float) -> None:
-        now = perf_counter()
-        record = fairy._connection_record
-        # Allocations happen before taking the lock (see the module docstring).
-        entry = CheckoutEntry(
-            now,
-            current_request.get(),
-            weakref.ref(fairy, _ignore_weakref),
-            borrow_site(3) if self.capture_site else None,
-            borrow_stack(3) if self.capture_stack else None,
-        )
-        with self.lock:
-            self.pending -= 1
-            self.wait.observe(now - started)
-            if record in self.open_checkouts:
-                return  # the same connection handed out again (SingletonThreadPool)
-            self.checkouts += 1
-            self.open_checkouts[record] = entry
-        request = entry.request
-        if request is not None and request.response_started:
-            self._count_after_response(request.route)
+    @property
+    def pending(self) -> int:
+        # Read finished first: a caller that starts in between can only make this larger.
+        finished = ticker_value(self.waits_finished)
+        return max(0, ticker_value(self.waits_started) - finished)
 
     def wait_failed(self, started: float, timed_out: bool) -> None:
         waited = perf_counter() - started
         with self.lock:
-            self.pending -= 1
             self.wait.observe(waited)
             if timed_out:
                 self.timeouts += 1
+        next(self.waits_finished)
         if timed_out:
             self._log_timeout(waited)
 
-    def checked_in(self, record: Any) -> None:
-        now = perf_counter()
-        with self.lock:
-            entry = self.open_checkouts.pop(record, None)
-            if entry is None:
-                return  # a connection we never saw leave (taken before instrumenting)
-            self.checkins += 1
-            route = route_label(entry.request)
-            held = now - entry.started
-            reclaimed = entry.fairy_ref() is None
-            histogram = self.use.get(route)
-            if histogram is None:
-                histogram = self.use[route] = Histogram()
-            histogram.observe(held)
-            if reclaimed:
-                self.gc_reclaimed[route] = self.gc_reclaimed.get(route, 0) + 1
+    def returned_notably(self, entry: CheckoutEntry, route: str, held: float, reclaimed: bool) -> None:
+        """A checkin worth telling someone about: a flagged leak came back, or the GC returned it."""
         if reclaimed:
             logger.error(
                 "poolwatch.gc_reclaimed",
@@ -196,7 +174,7 @@ class PoolRecorder:
                 **describe_site(entry.site),
                 **self._stack_field(entry),
             )
-        elif entry.leaked:
+        else:
             logger.info(
                 "poolwatch.leak_returned",
                 pool=self.name,
@@ -246,13 +224,12 @@ class PoolRecorder:
         now = perf_counter()
         with self.lock:
             crossed = [
-                entry
-                for entry in self.open_checkouts.values()
-                if not entry.leaked and now - entry.started > threshold
+                (record, CheckoutEntry(*entry))
+                for record, entry in self.open_checkouts.items()
+                if now - entry[0] > threshold and record not in self.leaked_records
             ]
-            for entry in crossed:
-                entry.leaked = True
-        for entry in crossed:
+            self.leaked_records.update(record for record, _ in crossed)
+        for _, entry in crossed:
             route = route_label(entry.request)
             with self.lock:
                 self.leaks[route] = self.leaks.get(route, 0) + 1
@@ -271,7 +248,7 @@ class PoolRecorder:
     def live_checkouts(self) -> LiveCheckouts:
         now = perf_counter()
         with self.lock:
-            starts = [entry.started for entry in self.open_checkouts.values()]
+            starts = [entry[0] for entry in self.open_checkouts.values()]
         if not starts:
             return LiveCheckouts()
         threshold = self.leak_threshold
@@ -304,7 +281,7 @@ class PoolRecorder:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _count_after_response(self, route: str) -> None:
+    def count_after_response(self, route: str) -> None:
         with self.lock:
             self.after_response[route] = self.after_response.get(route, 0) + 1
 

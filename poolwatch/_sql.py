@@ -17,18 +17,18 @@ _PREAMBLE = re.compile(r"^(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*", re.DOTALL)
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 _CACHE_LIMIT = 4096
-_operation_cache: dict[str, str] = {}
+operation_cache: dict[str, str] = {}
 
 
 def operation_of(statement: str) -> str:
     """One of SELECT, INSERT, UPDATE, DELETE, TRANSACTION, DDL, OTHER; cached per statement text."""
-    operation = _operation_cache.get(statement)
+    operation = operation_cache.get(statement)
     if operation is None:
         operation = _classify(statement)
         # Statements with inlined literals would grow the cache without bound; start over instead.
-        if len(_operation_cache) >= _CACHE_LIMIT:
-            _operation_cache.clear()
-        _operation_cache[statement] = operation
+        if len(operation_cache) >= _CACHE_LIMIT:
+            operation_cache.clear()
+        operation_cache[statement] = operation
     return operation
 
 
