@@ -45,6 +45,11 @@ _instrumented: weakref.WeakKeyDictionary[Engine, _Instrumented] = weakref.WeakKe
 _instrument_lock = threading.Lock()
 
 
+def _known_name(engine: Engine) -> str | None:
+    instrumented = _instrumented.get(engine)
+    return None if instrumented is None else instrumented.recorder.name
+
+
 class _RegistryCollector:
     """The one poolwatch collector in a CollectorRegistry, shared by every PoolWatch using it."""
 
@@ -76,8 +81,8 @@ class PoolWatch:
     ) -> None:
         self.settings = build_settings(settings)
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
-        pairs = collect_engines(engines, name)
         with _instrument_lock:
+            pairs = collect_engines(engines, name, _known_name)
             shared = _registry_collectors.get(self.registry)
             if shared is None:
                 shared = _registry_collectors[self.registry] = _RegistryCollector(self.registry)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -23,8 +23,16 @@ def sync_engine_of(candidate: object, where: str) -> Engine:
     )
 
 
-def collect_engines(engines: Iterable[Any], name: str | None = None) -> list[tuple[str, Engine]]:
-    """Flatten engines, lists of engines and {name: engine} mappings into named sync engines."""
+def collect_engines(
+    engines: Iterable[Any],
+    name: str | None = None,
+    known_name: Callable[[Engine], str | None] = lambda engine: None,
+) -> list[tuple[str, Engine]]:
+    """Flatten engines, lists of engines and {name: engine} mappings into named sync engines.
+
+    An engine that is already watched keeps the name it has (``known_name``): one engine is one
+    pool with one name, however often it is instrumented.
+    """
     named: list[tuple[str | None, Engine]] = []
     for position, item in enumerate(engines):
         if isinstance(item, Mapping):
@@ -55,7 +63,7 @@ def collect_engines(engines: Iterable[Any], name: str | None = None) -> list[tup
         if id(engine) in seen_engines:
             continue  # the same engine twice is one pool, counted once
         seen_engines.add(id(engine))
-        pool_name = given or default_pool_name(engine)
+        pool_name = known_name(engine) or given or default_pool_name(engine)
         if pool_name in seen_names:
             raise ValueError(
                 f"poolwatch: two engines would both be pool {pool_name!r}; "

@@ -1,0 +1,59 @@
+"""Reading metrics the way Prometheus does: render, then parse with prometheus_client's parsers."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+Sample = tuple[str, dict[str, str]]
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the text exposition, keyed by (name, labels)."""
+    text = generate_latest(registry).decode()
+    return parse_text(text)
+
+
+def parse_text(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return _Samples(samples)
+
+
+def scrape_openmetrics(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:  # noqa: E501
+    text = generate_openmetrics(registry).decode()
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in parse_openmetrics(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return _Samples(samples)
+
+
+class _Samples(dict):  # type: ignore[type-arg]
+    """A dict of samples that also answers ``value(name, **labels)`` and iterates with dict labels."""
+
+    def items(self):  # type: ignore[no-untyped-def, override]
+        return [((name, dict(labels)), value) for (name, labels), value in super().items()]
+
+    def value(self, name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        if not super().__contains__(key):
+            raise KeyError(f"no sample {name}{labels}; have {sorted(n for n, _ in super().keys())}")
+        return float(super().__getitem__(key))
+
+    def find(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        """Samples of ``name`` whose labels include ``labels``."""
+        found = []
+        for (sample_name, sample_labels), value in super().items():
+            label_dict = dict(sample_labels)
+            if sample_name == name and all(label_dict.get(k) == v for k, v in labels.items()):
+                found.append((label_dict, value))
+        return found
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return scrape(registry).value(name, **labels)  # type: ignore[attr-defined, no-any-return]
