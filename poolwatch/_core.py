@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Iterable
@@ -13,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from ._collector import PoolWatchCollector
 from ._dialect_hooks import hook_dialect, unhook_dialect
-from ._engines import collect_engines
+from ._engines import collect_engines, sync_engine_of
 from ._leaks import sweeper
 from ._listeners import EngineListeners
 from ._pool_hooks import hook_pool, unhook_pool
@@ -56,6 +57,7 @@ class _RegistryCollector:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.recorders: dict[str, PoolRecorder] = {}
         self.requests = RequestStats()
+        self.users = 0
         self.collector = PoolWatchCollector(lambda: list(self.recorders.values()), self.requests)
         registry.register(self.collector)
 
@@ -73,7 +75,7 @@ class PoolWatch:
 
     def __init__(
         self,
-        engines: Iterable[Any],
+        engines: Iterable[Any] = (),
         *,
         registry: CollectorRegistry | None = None,
         name: str | None = None,
@@ -81,30 +83,38 @@ class PoolWatch:
     ) -> None:
         self.settings = build_settings(settings)
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
+        self._engines: list[Engine] = []
+        self._closed = False
         with _instrument_lock:
-            pairs = collect_engines(engines, name, _known_name)
             shared = _registry_collectors.get(self.registry)
             if shared is None:
                 shared = _registry_collectors[self.registry] = _RegistryCollector(self.registry)
+            shared.users += 1
             self._shared = shared
-            self._engines: list[Engine] = []
-            for pool_name, engine in pairs:
+        engines = list(engines)
+        if engines:
+            self.add(*engines, name=name)
+
+    def add(self, *engines: Any, name: str | None = None) -> None:
+        """Watch more engines, e.g. ones an app creates in its lifespan after the middleware."""
+        with _instrument_lock:
+            for pool_name, engine in collect_engines(engines, name, _known_name):
+                if engine in self._engines:
+                    continue
+                existing = self._shared.recorders.get(pool_name)
+                if existing is not None and existing.engine not in (None, engine):
+                    raise ValueError(
+                        f"poolwatch: pool name {pool_name!r} is already used by another "
+                        "engine in this registry; pass name= or {name: engine}"
+                    )
                 instrumented = _instrumented.get(engine)
                 if instrumented is None:
                     instrumented = _instrumented[engine] = _Instrumented(
                         pool_name, engine, self.settings
                     )
-                recorder = instrumented.recorder
-                existing = shared.recorders.get(recorder.name)
-                if existing is not None and existing is not recorder:
-                    raise ValueError(
-                        f"poolwatch: pool name {recorder.name!r} is already used by another "
-                        "engine in this registry; pass name= or {name: engine}"
-                    )
-                shared.recorders[recorder.name] = recorder
+                self._shared.recorders[pool_name] = instrumented.recorder
                 instrumented.owners += 1
                 self._engines.append(engine)
-        self._closed = False
 
     @property
     def recorders(self) -> list[PoolRecorder]:
@@ -118,27 +128,41 @@ class PoolWatch:
     def pool_names(self) -> list[str]:
         return [recorder.name for recorder in self.recorders]
 
+    def remove(self, *engines: Any) -> None:
+        """Stop watching these engines; hooks come off once no PoolWatch uses an engine."""
+        with _instrument_lock:
+            for candidate in engines:
+                engine = sync_engine_of(candidate, "engine")
+                if engine in self._engines:
+                    self._engines.remove(engine)
+                    self._release(engine)
+
     def close(self) -> None:
-        """Stop watching: hooks and listeners come off once no PoolWatch uses an engine."""
+        """Stop watching every engine and leave the registry as it was."""
         if self._closed:
             return
         self._closed = True
         with _instrument_lock:
             for engine in self._engines:
-                instrumented = _instrumented.get(engine)
-                if instrumented is None:
-                    continue
-                instrumented.owners -= 1
-                if instrumented.owners <= 0:
-                    instrumented.release(engine)
-                    del _instrumented[engine]
-                    self._shared.recorders.pop(instrumented.recorder.name, None)
-            if not self._shared.recorders:
-                try:
+                self._release(engine)
+            self._engines.clear()
+            self._shared.users -= 1
+            if self._shared.users <= 0:
+                with contextlib.suppress(KeyError):
                     self.registry.unregister(self._shared.collector)
-                except KeyError:
-                    pass
                 _registry_collectors.pop(self.registry, None)
+
+    def _release(self, engine: Engine) -> None:
+        instrumented = _instrumented.get(engine)
+        if instrumented is None:
+            return
+        instrumented.owners -= 1
+        if instrumented.owners <= 0:
+            instrumented.release(engine)
+            del _instrumented[engine]
+            name = instrumented.recorder.name
+            if self._shared.recorders.get(name) is instrumented.recorder:
+                del self._shared.recorders[name]
 
     def __repr__(self) -> str:
         return f"PoolWatch(pools={self.pool_names!r})"
