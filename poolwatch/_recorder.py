@@ -40,6 +40,9 @@ OPERATIONS = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRANSACTION", "DDL", "OTH
 
 perf_counter = time.perf_counter
 
+# (trace id as 32 hex digits, observed value, unix timestamp)
+Exemplar = tuple[str, float, float]
+
 
 def ticker_value(ticker: itertools.count[int]) -> int:
     """How many times ``next()`` was called on an ``itertools.count()`` started at 0.
@@ -133,6 +136,12 @@ class PoolRecorder:
         self.query: dict[str, Histogram] = {op: Histogram() for op in OPERATIONS}
         # Keyed by SQLAlchemy's connection record, which outlives the checkout and is hashable.
         self.open_checkouts: dict[Any, CheckoutEntry] = {}
+        # With tracing on: the latest exemplar per series, (trace_id hex, value, unix time), keyed
+        # by route (use_seconds) and by operation (query_seconds). Written on the hot path only
+        # when a span is active; read by the collector for OpenMetrics output.
+        self.tracing = settings.tracing
+        self.use_exemplars: dict[str, Exemplar] = {}
+        self.query_exemplars: dict[str, Exemplar] = {}
         # Records whose checkout the sweeper flagged; checked at checkin only while non-empty.
         self.leaked_records: set[Any] = set()
 
