@@ -18,6 +18,7 @@ from ._context import current_request, route_label
 from ._log import internal_errors, logger
 from ._recorder import perf_counter
 from ._sql import fingerprint, operation_cache, operation_of
+from ._tracing import exemplar
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
@@ -92,6 +93,8 @@ class _StatementTimer:
         release = recorder.lock.release
         get_request = current_request.get
         slow = slow_query_seconds
+        tracing = recorder.tracing
+        exemplars = recorder.query_exemplars
 
         # Closures rather than methods: locals are the cheapest lookups on a per-statement path.
         def finished(statement: str, elapsed: float) -> None:
@@ -99,13 +102,18 @@ class _StatementTimer:
                 request = get_request()
                 if request is not None:
                     request.queries += 1
-                histogram = histograms[operation_cache.get(statement) or operation_of(statement)]
+                operation = operation_cache.get(statement) or operation_of(statement)
+                histogram = histograms[operation]
                 acquire()
                 try:
                     histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
                     histogram.total += elapsed
                 finally:
                     release()
+                if tracing:
+                    found = exemplar(elapsed)
+                    if found is not None:
+                        exemplars[operation] = found
                 if slow and elapsed >= slow:
                     _log_slow_query(recorder, statement, elapsed, slow)
             except Exception as failure:

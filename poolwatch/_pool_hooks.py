@@ -22,7 +22,8 @@ from ._borrow_site import borrow_site, borrow_stack, is_library_code
 from ._context import NO_REQUEST, current_request
 from ._histogram import Histogram
 from ._log import internal_errors
-from ._recorder import CheckoutEntry, perf_counter
+from ._recorder import CheckoutEntry, Exemplar, perf_counter
+from ._tracing import exemplar
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import Pool
@@ -130,6 +131,8 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                             recorder.gc_reclaimed[route] = recorder.gc_reclaimed.get(route, 0) + 1
                 finally:
                     release()
+                if counted and recorder.tracing:
+                    _keep_exemplar(recorder.use_exemplars, route, held)
                 if counted and (reclaimed or (leaked_records and record in leaked_records)):
                     leaked_records.discard(record)
                     recorder.returned_notably(CheckoutEntry(*entry), route, held, reclaimed)
@@ -171,6 +174,12 @@ def unhook_pool(pool: Pool) -> None:
     # _invoke_creator is SQLAlchemy's own instance attribute; its setter rebuilds it unwrapped.
     pool._creator = pool._creator
     delattr(pool, _MARK)
+
+
+def _keep_exemplar(exemplars: dict[str, Exemplar], key: str, value: float) -> None:
+    found = exemplar(value)
+    if found is not None:
+        exemplars[key] = found
 
 
 def _failed_wait(recorder: PoolRecorder, started: float, *, timed_out: bool) -> None:
