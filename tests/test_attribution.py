@@ -1,0 +1,209 @@
+"""Route attribution, queries per request, query timing and the slow-query log (issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import string
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import create_async_engine
+from structlog.testing import capture_logs
+
+from tests import attribution_app
+from tests.metrics import scrape
+
+TEMPLATES = {
+    "/users/{user_id}",
+    "/sync/items/{item_id}",
+    "/api/v1/orders/{order_id}",
+    "/admin/reports/{report_id}",
+}
+
+
+@pytest.fixture
+async def app_and_engines(async_url: str, sync_url: str, registry: CollectorRegistry):  # type: ignore[no-untyped-def]
+    async_engine = create_async_engine(async_url, pool_size=5, max_overflow=5)
+    sync_engine = sa.create_engine(sync_url, pool_size=5, max_overflow=5)
+    app, watch = attribution_app.build_app(
+        async_engine, sync_engine, registry, slow_query_seconds=0.02, leak_threshold_seconds=30
+    )
+    yield app, registry
+    attribution_app.DROPPED.clear()
+    gc.collect()
+    watch.close()
+    await async_engine.dispose()
+    sync_engine.dispose()
+
+
+@pytest.fixture
+async def client(app_and_engines) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+    app, _ = app_and_engines
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+def routes_seen(registry: CollectorRegistry) -> set[str]:
+    samples = scrape(registry)
+    return {labels["route"] for labels, _ in samples.find("poolwatch_use_seconds_count")} | {
+        labels["route"] for labels, _ in samples.find("poolwatch_request_queries_count")
+    }
+
+
+async def test_route_labels_are_templates_and_do_not_grow_with_paths(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    for user_id in range(1, 501):
+        assert (await client.get(f"/users/{user_id}")).status_code == 200
+    series_after_users = len(scrape(registry))
+    rng = random.Random(7)
+    for _ in range(500):
+        junk = "".join(rng.choices(string.ascii_lowercase + string.digits, k=12))
+        assert (await client.get(f"/nope/{junk}")).status_code == 404
+    samples = scrape(registry)
+    routes = routes_seen(registry)
+    assert routes <= {"/users/{user_id}", "<unmatched>", "<none>"}
+    assert "/users/{user_id}" in routes and "<unmatched>" in routes
+    # 500 distinct unknown paths add the <unmatched> series once, not 500 times.
+    assert len(samples) - series_after_users <= 30
+    assert samples.value("poolwatch_request_queries_count", route="/users/{user_id}") == 500
+    assert samples.value("poolwatch_request_queries_count", route="<unmatched>") == 500
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}") == 500
+    assert not any(
+        "/users/1" == labels.get("route") or "nope" in labels.get("route", "")
+        for (_, labels), _ in samples.items()
+    )
+
+
+async def test_each_endpoint_shape_gets_its_full_template(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    for path in ("/users/3", "/sync/items/4", "/api/v1/orders/5", "/admin/reports/6"):
+        response = await client.get(path)
+        assert response.status_code == 200, (path, response.text)
+    samples = scrape(registry)
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="sync", route="/sync/items/{item_id}") == 1  # noqa: E501
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/api/v1/orders/{order_id}") == 1  # noqa: E501
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/admin/reports/{report_id}") == 1  # noqa: E501
+    assert TEMPLATES <= routes_seen(registry)
+
+
+async def test_n_plus_one_is_counted_per_request(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    # Warm the dialect first: its own first-connect statements are not the endpoint's.
+    await client.get("/users/1")
+    for count in (3, 10):
+        assert (await client.get(f"/nplus1/{count}")).status_code == 200
+    samples = scrape(registry)
+    route = "/nplus1/{count}"
+    assert samples.value("poolwatch_request_queries_count", route=route) == 2
+    # 1 + 3 and 1 + 10 statements, plus the session's BEGIN-less ROLLBACK is not a statement.
+    assert samples.value("poolwatch_request_queries_sum", route=route) == (1 + 3) + (1 + 10)
+    assert samples.value("poolwatch_request_queries_bucket", route=route, le="4.0") == 1
+    assert samples.value("poolwatch_request_queries_bucket", route=route, le="16.0") == 2
+
+
+async def test_query_timing_and_slow_query_log_without_literals(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    with capture_logs() as events:
+        assert (await client.get("/slow-query")).status_code == 200
+    slow = [e for e in events if e["event"] == "poolwatch.slow_query"]
+    assert len(slow) == 1, events
+    [event] = slow
+    assert event["pool"] == "async" and event["route"] == "/slow-query"
+    assert event["operation"] == "SELECT" and event["seconds"] >= 0.02
+    assert "canary" not in repr(event) and "example.com" not in repr(event)
+    assert "pg_sleep(?)" in event["fingerprint"] and "= ?" in event["fingerprint"]
+    samples = scrape(registry)
+    assert samples.value("poolwatch_query_seconds_count", pool="async", operation="SELECT") >= 1
+    for (_, labels), _ in samples.items():
+        for value in labels.values():
+            assert "SELECT" not in value or value == "SELECT", labels
+            assert "canary" not in value
+
+
+async def test_query_errors_are_counted_by_operation_and_class(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    with pytest.raises(sa.exc.ProgrammingError):
+        await client.get("/fail")
+    samples = scrape(registry)
+    errors = samples.find("poolwatch_query_errors_total", pool="async", operation="SELECT")
+    assert len(errors) == 1, errors
+    labels, count = errors[0]
+    assert count == 1
+    assert labels["error"].isidentifier() and "Undefined" in labels["error"] or "Programming" in labels["error"]
+    assert "no_such_table" not in repr(samples)
+    assert samples.value("poolwatch_connections", pool="async", state="used") == 0
+
+
+# SQLAlchemy warns when the GC reclaims a connection: exactly what this test does on purpose.
+@pytest.mark.filterwarnings("ignore:The garbage collector is trying to clean up")
+async def test_gc_reclaimed_sessions_are_counted_with_their_route(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    with capture_logs() as events:
+        assert (await client.get("/drop/async")).status_code == 200
+        assert (await client.get("/drop/sync")).status_code == 200
+        assert scrape(registry).value("poolwatch_connections", pool="async", state="used") == 1
+        assert scrape(registry).value("poolwatch_connections", pool="sync", state="used") == 1
+        attribution_app.DROPPED.clear()
+        gc.collect()
+        await asyncio.sleep(0.05)
+        gc.collect()
+    samples = scrape(registry)
+    assert samples.value("poolwatch_gc_reclaimed_total", pool="async", route="/drop/async") == 1
+    assert samples.value("poolwatch_gc_reclaimed_total", pool="sync", route="/drop/sync") == 1
+    assert samples.value("poolwatch_connections", pool="async", state="used") == 0
+    assert samples.value("poolwatch_connections", pool="sync", state="used") == 0
+    reclaimed = [e for e in events if e["event"] == "poolwatch.gc_reclaimed"]
+    assert {e["route"] for e in reclaimed} == {"/drop/async", "/drop/sync"}
+    for event in reclaimed:
+        assert event["site"].startswith(attribution_app.__file__), event
+        assert event["function"].endswith(("drop_async", "drop_sync"))
+
+
+async def test_failing_dependency_returns_its_connection(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    with pytest.raises(RuntimeError):
+        await client.get("/broken")
+    samples = scrape(registry)
+    assert samples.value("poolwatch_connections", pool="async", state="used") == 0
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/broken") == 1
+    assert sum(v for _, v in samples.find("poolwatch_leaks_total")) == 0
+    assert sum(v for _, v in samples.find("poolwatch_gc_reclaimed_total")) == 0
+
+
+async def test_streaming_and_background_work_outlive_the_request(
+    client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
+) -> None:
+    _, registry = app_and_engines
+    await client.get("/users/1")  # the dialect's first-connect statements belong to no test here
+    response = await client.get("/stream")
+    assert response.text == "0\n1\n2\n"
+    assert (await client.get("/background")).status_code == 200
+    samples = scrape(registry)
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/stream") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/background") == 1
+    assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/stream") == 1  # noqa: E501
+    assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/background") == 1  # noqa: E501
+    assert samples.value("poolwatch_request_queries_sum", route="/stream") == 3
+    assert samples.value("poolwatch_request_queries_sum", route="/background") == 1
+    assert samples.find("poolwatch_checkouts_after_response_total", route="/users/{user_id}") == []
