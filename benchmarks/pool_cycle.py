@@ -172,7 +172,7 @@ def main() -> None:
             "poolwatch, counts only (leak detection off)": cycle_timer(core, in_request=False),
             "poolwatch, route attribution + leak tracking": cycle_timer(full, in_request=True),
             "naive prometheus_client listeners": cycle_timer(naive, in_request=False),
-            "opentelemetry-instrumentation-sqlalchemy pool metric": cycle_timer(otel, in_request=False),  # noqa: E501
+            "opentelemetry-instrumentation-sqlalchemy pool metric": cycle_timer(otel, in_request=False),
         },
         args.rounds,
         args.cycles,

@@ -22,7 +22,7 @@ def header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             if len(value) > MAX_HEADER_BYTES:
                 return None
-            return value.decode("latin-1")
+            return str(value.decode("latin-1"))
     return None
 
 

@@ -14,7 +14,7 @@ import traceback
 from types import CodeType, FrameType
 
 try:
-    import greenlet as _greenlet
+    import greenlet as _greenlet  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - greenlet comes with sqlalchemy[asyncio]
     _greenlet = None
 

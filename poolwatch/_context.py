@@ -7,6 +7,7 @@ background tasks, so one lookup at checkout time is all attribution costs on the
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -19,7 +20,7 @@ class RequestContext:
 
     __slots__ = ("queries", "resolved_route", "response_started", "scope")
 
-    def __init__(self, scope: dict[str, Any]) -> None:
+    def __init__(self, scope: MutableMapping[str, Any]) -> None:
         self.scope = scope
         self.queries = 0
         # Set once the app has begun its response: work after that outlives the request.
@@ -51,7 +52,7 @@ def route_label(context: RequestContext | None) -> str:
 _mount_prefixes: dict[int, tuple[Any, str]] = {}
 
 
-def route_template(route: Any, scope: dict[str, Any]) -> str:
+def route_template(route: Any, scope: MutableMapping[str, Any]) -> str:
     """``/users/{user_id}`` for a route, with the templates of any Mounts it sits under."""
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
     if not isinstance(path, str):

@@ -6,6 +6,7 @@ the application sends them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
@@ -37,15 +38,14 @@ class InternalErrors:
             first_time = site not in self._logged_sites
             self._logged_sites.add(site)
         if first_time:
-            try:
+            # If logging itself fails there is nothing safer left to do than to stay quiet.
+            with contextlib.suppress(Exception):
                 logger.error(
                     "poolwatch.internal_error",
                     site=site,
                     error=type(error).__name__,
                     exc_info=error,
                 )
-            except Exception:  # noqa: S110 - logging itself failed; nothing safer to do
-                pass
 
 
 internal_errors = InternalErrors()

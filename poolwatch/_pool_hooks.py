@@ -97,7 +97,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                 wait.total += waited
                 if record not in open_checkouts:  # else handed out again (SingletonThreadPool)
                     recorder.checkouts += 1
-                    open_checkouts[record] = entry
+                    open_checkouts[record] = entry  # type: ignore[assignment]
             finally:
                 release()
             next(waits_finished)
@@ -160,7 +160,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
 
     pool.connect = connect  # type: ignore[method-assign]
     pool._do_return_conn = do_return_conn  # type: ignore[method-assign]
-    pool._invoke_creator = invoke_creator
+    pool._invoke_creator = invoke_creator  # type: ignore[assignment]
     pool._close_connection = close_connection  # type: ignore[method-assign]
     setattr(pool, _MARK, recorder)
 

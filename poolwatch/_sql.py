@@ -56,7 +56,7 @@ def fingerprint(statement: str) -> str:
     """The statement with every literal replaced by ``?``: safe to log, groups alike statements."""
     try:
         parts = []
-        for token in sqlparse.parse(statement)[0].flatten():
+        for token in sqlparse.parse(statement)[0].flatten():  # type: ignore[no-untyped-call]
             ttype = token.ttype
             if ttype in T.Comment:
                 continue  # comments can carry anything, including the literals we hide

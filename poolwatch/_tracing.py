@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 _get_current_span: Any = None
-try:
+with contextlib.suppress(ImportError):  # OpenTelemetry is the optional "otel" extra
     from opentelemetry.trace import get_current_span as _get_current_span
-except ImportError:  # pragma: no cover - exercised only without the otel extra
-    pass
 
 
 def current_trace_id() -> str | None:

@@ -120,7 +120,7 @@ def build_app(
 
     @router.get("/orders/{order_id}")
     async def read_order(order_id: int, db: AsyncDB) -> dict[str, int]:
-        return {"id": int(await db.scalar(sa.text("SELECT CAST(:id AS INTEGER)"), {"id": order_id}))}  # noqa: E501
+        return {"id": int(await db.scalar(sa.text("SELECT CAST(:id AS INTEGER)"), {"id": order_id}))}
 
     app.include_router(router)
 
@@ -128,7 +128,7 @@ def build_app(
 
     @admin.get("/reports/{report_id}")
     async def read_report(report_id: int, db: AsyncDB) -> dict[str, int]:
-        return {"id": int(await db.scalar(sa.text("SELECT CAST(:id AS INTEGER)"), {"id": report_id}))}  # noqa: E501
+        return {"id": int(await db.scalar(sa.text("SELECT CAST(:id AS INTEGER)"), {"id": report_id}))}
 
     app.mount("/admin", admin)
 

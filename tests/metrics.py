@@ -24,7 +24,7 @@ def parse_text(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]
     return _Samples(samples)
 
 
-def scrape_openmetrics(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:  # noqa: E501
+def scrape_openmetrics(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     text = generate_openmetrics(registry).decode()
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     for family in parse_openmetrics(text):
@@ -42,7 +42,7 @@ class _Samples(dict):  # type: ignore[type-arg]
     def value(self, name: str, **labels: str) -> float:
         key = (name, frozenset(labels.items()))
         if not super().__contains__(key):
-            raise KeyError(f"no sample {name}{labels}; have {sorted(n for n, _ in super().keys())}")
+            raise KeyError(f"no sample {name}{labels}; have {sorted(n for n, _ in self)}")
         return float(super().__getitem__(key))
 
     def find(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:

@@ -77,7 +77,7 @@ async def test_route_labels_are_templates_and_do_not_grow_with_paths(
     assert samples.value("poolwatch_request_queries_count", route="<unmatched>") == 500
     assert samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}") == 500
     assert not any(
-        "/users/1" == labels.get("route") or "nope" in labels.get("route", "")
+        labels.get("route") == "/users/1" or "nope" in labels.get("route", "")
         for (_, labels), _ in samples.items()
     )
 
@@ -91,10 +91,10 @@ async def test_each_endpoint_shape_gets_its_full_template(
         assert response.status_code == 200, (path, response.text)
     samples = scrape(registry)
     assert samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}") == 1
-    assert samples.value("poolwatch_use_seconds_count", pool="sync", route="/sync/items/{item_id}") == 1  # noqa: E501
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/api/v1/orders/{order_id}") == 1  # noqa: E501
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/admin/reports/{report_id}") == 1  # noqa: E501
-    assert TEMPLATES <= routes_seen(registry)
+    assert samples.value("poolwatch_use_seconds_count", pool="sync", route="/sync/items/{item_id}") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/api/v1/orders/{order_id}") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/admin/reports/{report_id}") == 1
+    assert routes_seen(registry) >= TEMPLATES
 
 
 async def test_n_plus_one_is_counted_per_request(
@@ -146,7 +146,7 @@ async def test_query_errors_are_counted_by_operation_and_class(
     assert len(errors) == 1, errors
     labels, count = errors[0]
     assert count == 1
-    assert labels["error"].isidentifier() and "Undefined" in labels["error"] or "Programming" in labels["error"]
+    assert (labels["error"].isidentifier() and "Undefined" in labels["error"]) or "Programming" in labels["error"]
     assert "no_such_table" not in repr(samples)
     assert samples.value("poolwatch_connections", pool="async", state="used") == 0
 
@@ -202,8 +202,8 @@ async def test_streaming_and_background_work_outlive_the_request(
     samples = scrape(registry)
     assert samples.value("poolwatch_use_seconds_count", pool="async", route="/stream") == 1
     assert samples.value("poolwatch_use_seconds_count", pool="async", route="/background") == 1
-    assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/stream") == 1  # noqa: E501
-    assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/background") == 1  # noqa: E501
+    assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/stream") == 1
+    assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/background") == 1
     assert samples.value("poolwatch_request_queries_sum", route="/stream") == 3
     assert samples.value("poolwatch_request_queries_sum", route="/background") == 1
     assert samples.find("poolwatch_checkouts_after_response_total", route="/users/{user_id}") == []

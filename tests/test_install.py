@@ -199,7 +199,7 @@ def test_demo_command_starts_without_database_url(tmp_path: Path) -> None:
         assert httpx.get(f"{base}/users/{user_id}", timeout=5).status_code == 404
         samples = parse_text(httpx.get(f"{base}/metrics", timeout=5).text)
         assert samples.value("poolwatch_checkouts_total", pool="primary") >= 5
-        assert samples.value("poolwatch_use_seconds_count", pool="primary", route="/users/{user_id}") >= 2  # noqa: E501
+        assert samples.value("poolwatch_use_seconds_count", pool="primary", route="/users/{user_id}") >= 2
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=10)
