@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
+from structlog.testing import capture_logs
 
 import poolwatch
 from tests.metrics import scrape, scrape_openmetrics
@@ -70,6 +71,8 @@ def test_saturated_pool_overflow_pending_and_timeout(sync_url: str, registry: Co
                 outcome.append(error)
 
         waiter = threading.Thread(target=fourth_checkout)
+        events = capture_logs()
+        captured = events.__enter__()
         waiter.start()
         deadline = time.monotonic() + 0.25
         while time.monotonic() < deadline and not pending_seen:
@@ -78,7 +81,13 @@ def test_saturated_pool_overflow_pending_and_timeout(sync_url: str, registry: Co
                 pending_seen.append(value)
             time.sleep(0.01)
         waiter.join()
+        events.__exit__(None, None, None)
 
+        [timeout_event] = [e for e in captured if e["event"] == "poolwatch.pool_timeout"]
+        assert timeout_event["pool"] == "main" and timeout_event["seconds_waited"] >= 0.3
+        assert timeout_event["pool_size"] == 2 and timeout_event["overflow"] == 1
+        assert timeout_event["max_overflow"] == 1 and timeout_event["checked_out"] == 3
+        assert timeout_event["callers_waiting"] == 1
         assert pending_seen == [1], "pending_requests never read 1 while the fourth caller waited"
         assert len(outcome) == 1 and isinstance(outcome[0], sa.exc.TimeoutError)
         after = scrape(registry)
@@ -130,8 +139,10 @@ def test_pre_ping_replaces_terminated_connections(
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     time.sleep(0.1)
-    with engine.connect() as connection:
+    with capture_logs() as events, engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+    failed = [e for e in events if e["event"] == "poolwatch.pre_ping_failed"]
+    assert failed and failed[0]["pool"] == "ping" and failed[0]["error"]
     samples = scrape(registry)
     assert samples.value("poolwatch_pre_ping_failures_total", pool="ping") >= 1
     reasons = samples.find("poolwatch_invalidations_total", pool="ping")
