@@ -17,8 +17,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 from ._log import internal_errors
+from ._recorder import Exemplar as RecordedExemplar
 from ._recorder import PoolRecorder, RecorderSnapshot
 from ._requests import RequestStats
 
@@ -79,6 +81,22 @@ class PoolWatchCollector(Collector):
                 families.request_queries.add_metric([route], *buckets)
         families.internal_errors.add_metric([], internal_errors.count)
         yield from families.all()
+
+
+def with_exemplar(
+    buckets: list[tuple[str, float]], exemplar: RecordedExemplar
+) -> list[Any]:
+    """The buckets with ``exemplar`` attached to the first bucket its value falls into.
+
+    OpenMetrics allows one exemplar per bucket; the text format ignores them.
+    """
+    trace_id, value, timestamp = exemplar
+    attached: list[Any] = list(buckets)
+    for index, (bound, count) in enumerate(buckets):
+        if value <= float(bound):
+            attached[index] = (bound, count, Exemplar({"trace_id": trace_id}, value, timestamp))
+            break
+    return attached
 
 
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
@@ -167,7 +185,9 @@ class _Families:
         self.query = _histogram(
             "poolwatch_query_seconds", "Statement execution time.", ["pool", "operation"]
         )
-        self.request_queries = _histogram("poolwatch_request_queries", "Statements executed per HTTP request.", ["route"])  # fmt: skip
+        self.request_queries = _histogram(
+            "poolwatch_request_queries", "Statements executed per HTTP request.", ["route"]
+        )
 
     def add_pool(self, recorder: PoolRecorder, snap: RecorderSnapshot, state: PoolState) -> None:
         name = recorder.name
@@ -200,10 +220,19 @@ class _Families:
             self.query_errors.add_metric([name, operation, error], count)
         self.wait.add_metric([name], *snap.wait)
         self.connect.add_metric([name], *snap.connect_time)
-        for route, buckets in snap.use.items():
-            self.use.add_metric([name, route], *buckets)
-        for operation, buckets in snap.query.items():
-            self.query.add_metric([name, operation], *buckets)
+        # Exemplars are read without the lock: each is one tuple, replaced whole by the hot path.
+        use_exemplars = recorder.use_exemplars
+        query_exemplars = recorder.query_exemplars
+        for route, (buckets, total) in snap.use.items():
+            exemplar = use_exemplars.get(route)
+            if exemplar is not None:
+                buckets = with_exemplar(buckets, exemplar)
+            self.use.add_metric([name, route], buckets, total)
+        for operation, (buckets, total) in snap.query.items():
+            exemplar = query_exemplars.get(operation)
+            if exemplar is not None:
+                buckets = with_exemplar(buckets, exemplar)
+            self.query.add_metric([name, operation], buckets, total)
 
     def all(self) -> Iterator[Metric]:
         yield from vars(self).values()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import threading
 import weakref
 from collections.abc import Iterable
@@ -17,10 +19,12 @@ from ._dialect_hooks import hook_dialect, unhook_dialect
 from ._engines import collect_engines, sync_engine_of
 from ._leaks import sweeper
 from ._listeners import EngineListeners
+from ._multiprocess import MultiProcessCollector, Publisher, multiprocess_directory, publish_interval
 from ._pool_hooks import hook_pool, unhook_pool
 from ._recorder import PoolRecorder
 from ._requests import RequestStats
 from ._settings import PoolWatchSettings, build_settings
+from ._sidecar import SidecarServer
 
 
 class _Instrumented:
@@ -34,9 +38,16 @@ class _Instrumented:
         hook_dialect(engine.dialect, self.recorder, settings.slow_query_seconds)
         self.listeners.install(engine)
         sweeper.add(self.recorder)
+        self.traced = settings.tracing
+        if self.traced:
+            _enable_spans(engine)
 
     def release(self, engine: Engine) -> None:
         sweeper.discard(self.recorder)
+        if self.traced:
+            from ._otel import disable_statement_spans
+
+            disable_statement_spans(engine)
         self.listeners.remove(engine)
         unhook_dialect(engine.dialect)
         unhook_pool(engine.pool)
@@ -51,15 +62,51 @@ def _known_name(engine: Engine) -> str | None:
     return None if instrumented is None else instrumented.recorder.name
 
 
+def _enable_spans(engine: Engine) -> None:
+    try:
+        from ._otel import enable_statement_spans
+    except ImportError as error:  # pragma: no cover - depends on the installed extras
+        raise ImportError(
+            "poolwatch: setting tracing (POOLWATCH_TRACING) needs OpenTelemetry: "
+            "pip install 'poolwatch[otel]'"
+        ) from error
+    enable_statement_spans(engine)
+
+
+_registry_numbers = itertools.count(1)
+
+
 class _RegistryCollector:
-    """The one poolwatch collector in a CollectorRegistry, shared by every PoolWatch using it."""
+    """The one poolwatch collector in a CollectorRegistry, shared by every PoolWatch using it.
+
+    Under a multi-worker server (see ``_multiprocess``) the registered collector merges every
+    worker's output; the local one is what this worker publishes.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.recorders: dict[str, PoolRecorder] = {}
         self.requests = RequestStats()
         self.users = 0
-        self.collector = PoolWatchCollector(lambda: list(self.recorders.values()), self.requests)
+        local = PoolWatchCollector(lambda: list(self.recorders.values()), self.requests)
+        self.publisher: Publisher | None = None
+        self.collector: PoolWatchCollector | MultiProcessCollector = local
+        directory = multiprocess_directory()
+        if directory is not None:
+            # Workers make their registries in the same order, so the key matches across them.
+            key = (
+                "default"
+                if registry is prometheus_client.REGISTRY
+                else f"r{next(_registry_numbers)}"
+            )
+            self.publisher = Publisher(local, directory, key, publish_interval())
+            self.collector = MultiProcessCollector(self.publisher)
         registry.register(self.collector)
+
+    def close(self, registry: CollectorRegistry) -> None:
+        with contextlib.suppress(KeyError):
+            registry.unregister(self.collector)
+        if self.publisher is not None:
+            self.publisher.close()
 
 
 _registry_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _RegistryCollector] = (
@@ -85,6 +132,9 @@ class PoolWatch:
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
         self._engines: list[Engine] = []
         self._closed = False
+        # The ASGI app's event loop, noted by the middleware: the sidecar runs health there.
+        self.app_loop: asyncio.AbstractEventLoop | None = None
+        self._sidecar: SidecarServer | None = None
         with _instrument_lock:
             shared = _registry_collectors.get(self.registry)
             if shared is None:
@@ -92,8 +142,16 @@ class PoolWatch:
             shared.users += 1
             self._shared = shared
         engines = list(engines)
-        if engines:
-            self.add(*engines, name=name)
+        try:
+            if engines:
+                self.add(*engines, name=name)
+            if self.settings.metrics_port is not None:
+                self._sidecar = SidecarServer(
+                    self, self.settings.metrics_port, reuse_port=self._shared.publisher is not None
+                )
+        except BaseException:
+            self.close()
+            raise
 
     def add(self, *engines: Any, name: str | None = None) -> None:
         """Watch more engines, e.g. ones an app creates in its lifespan after the middleware."""
@@ -142,14 +200,16 @@ class PoolWatch:
         if self._closed:
             return
         self._closed = True
+        if self._sidecar is not None:
+            self._sidecar.close()
+            self._sidecar = None
         with _instrument_lock:
             for engine in self._engines:
                 self._release(engine)
             self._engines.clear()
             self._shared.users -= 1
             if self._shared.users <= 0:
-                with contextlib.suppress(KeyError):
-                    self.registry.unregister(self._shared.collector)
+                self._shared.close(self.registry)
                 _registry_collectors.pop(self.registry, None)
 
     def _release(self, engine: Engine) -> None:

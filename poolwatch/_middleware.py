@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
@@ -37,13 +38,21 @@ class PoolWatchMiddleware:
         self.watch = watch
         config = watch.settings
         health = HealthEndpoints(watch)
-        self._endpoints = {
-            config.metrics_path: self._serve_metrics,
-            config.health_db_path: health.db,
-            config.health_live_path: health.live,
-        }
+        # Sidecar mode: these paths are served on metrics_port only; here they reach the app.
+        self._endpoints = (
+            {}
+            if config.metrics_port is not None
+            else {
+                config.metrics_path: self._serve_metrics,
+                config.health_db_path: health.db,
+                config.health_live_path: health.live,
+            }
+        )
+        self._loop_seen = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._loop_seen:
+            self._note_loop()
         kind = scope["type"]
         if kind == "http":
             endpoint = self._endpoints.get(scope["path"])
@@ -70,6 +79,12 @@ class PoolWatchMiddleware:
                 self.watch.requests.request_finished(context.route, context.queries)
             except Exception as error:
                 internal_errors.record("request_finished", error)
+
+    def _note_loop(self) -> None:
+        # The sidecar runs health endpoints on the app's loop (async engines' connections are
+        # bound to it); the first lifespan or request event tells us which loop that is.
+        self._loop_seen = True
+        self.watch.app_loop = asyncio.get_running_loop()
 
     async def _serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await serve_metrics(self.watch.registry, scope, receive, send)

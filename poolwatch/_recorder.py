@@ -169,9 +169,11 @@ class PoolRecorder:
             if timed_out:
                 self.timeouts += 1
         # Counted among the waiting until logged: the event reports who waited, this caller included.
-        if timed_out:
-            self._log_timeout(waited)
-        next(self.waits_finished)
+        try:
+            if timed_out:
+                self._log_timeout(waited)
+        finally:
+            next(self.waits_finished)
 
     def returned_notably(self, entry: CheckoutEntry, route: str, held: float, reclaimed: bool) -> None:
         """A checkin worth telling someone about: a flagged leak came back, or the GC returned it."""
