@@ -114,10 +114,7 @@ async def n_plus_one(
     for user in rows:
         # The bug on purpose: this belongs in the first query as a GROUP BY or a join.
         counts[user.id] = (
-            await session.scalar(
-                select(func.count()).select_from(Post).where(Post.author_id == user.id)
-            )
-            or 0
+            await session.scalar(select(func.count()).select_from(Post).where(Post.author_id == user.id)) or 0
         )
     return {"users": len(rows), "queries": 1 + len(rows), "posts_by_user": counts}
 
@@ -133,9 +130,7 @@ async def hold(
     return {"held_seconds": seconds}
 
 
-async def _hold_in_background(
-    engine: AsyncEngine, holds: asyncio.Semaphore, seconds: float
-) -> None:
+async def _hold_in_background(engine: AsyncEngine, holds: asyncio.Semaphore, seconds: float) -> None:
     async with holds, engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
         await asyncio.sleep(seconds)
@@ -191,9 +186,7 @@ async def dead_connection(request: Request) -> dict[str, object]:
     """The server ends our own backend mid-request: the pool invalidates that connection."""
     engine = _engine(request)
     if not _is_postgresql(engine):
-        raise HTTPException(
-            status.HTTP_501_NOT_IMPLEMENTED, "needs PostgreSQL (pg_terminate_backend)"
-        )
+        raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, "needs PostgreSQL (pg_terminate_backend)")
 
     async def work(connection: Any) -> object:
         await connection.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))

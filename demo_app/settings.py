@@ -20,7 +20,8 @@ class DemoSettings(BaseSettings):
     pool_timeout: float = Field(5.0, gt=0, validation_alias="POOL_TIMEOUT")
     pool_recycle: int = Field(1800, ge=-1, validation_alias="POOL_RECYCLE")
     pool_pre_ping: bool = Field(True, validation_alias="POOL_PRE_PING")
-    # Off unless asked for: the misbehaving endpoints exist to show poolwatch catching them.
+    # On by default: the /misbehave endpoints exist to show poolwatch catching real problems, and
+    # they only misbehave when called. DEMO_MISBEHAVE=false leaves a clean API.
     misbehave: bool = Field(True, validation_alias="DEMO_MISBEHAVE")
 
     @property

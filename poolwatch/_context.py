@@ -54,7 +54,7 @@ _mount_prefixes: dict[int, tuple[Any, str]] = {}
 
 def route_template(route: Any, scope: MutableMapping[str, Any]) -> str:
     """``/users/{user_id}`` for a route, with the templates of any Mounts it sits under."""
-    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    path = _fastapi_effective_path(route, scope) or getattr(route, "path_format", None)
     if not isinstance(path, str):
         return UNMATCHED
     # Only a mounted sub-app changes root_path; everything else already has its full template.
@@ -69,17 +69,44 @@ def route_template(route: Any, scope: MutableMapping[str, Any]) -> str:
     return cached[1] + path
 
 
+def _fastapi_effective_path(route: Any, scope: MutableMapping[str, Any]) -> str | None:
+    """The template FastAPI resolved for ``route``, prefixes of included routers included.
+
+    FastAPI 0.12x+ keeps ``include_router(router, prefix=...)`` lazy: ``scope["route"]`` is the
+    router's own APIRoute, whose ``path_format`` lacks the prefix; the prefixed template lives in
+    the effective route context FastAPI stores in the scope (as its own telemetry reads it).
+    """
+    fastapi_scope = scope.get("fastapi")
+    if not isinstance(fastapi_scope, dict):
+        return None
+    context = fastapi_scope.get("effective_route_context")
+    if context is None or getattr(context, "original_route", None) is not route:
+        return None
+    path = getattr(getattr(context, "starlette_route", None), "path_format", None)
+    path = path or getattr(context, "path_format", None)
+    return path if isinstance(path, str) and path else None
+
+
+def _children(route: Any) -> tuple[Any, bool]:
+    """A route's sub-routes, and whether its own path is a prefix of theirs (a Mount's is)."""
+    included = getattr(route, "include_context", None)
+    if included is not None:  # FastAPI's lazily included router: prefix already in the template
+        return getattr(getattr(included, "included_router", None), "routes", ()), False
+    children = getattr(route, "routes", None)
+    return (children or ()), hasattr(route, "path_regex")
+
+
 def _find_mount_prefix(routes: Any, target: Any, depth: int) -> str | None:
     if depth > 16:  # a pathological or cyclic mount tree; give up rather than recurse forever
         return None
     for candidate in routes:
         if candidate is target:
             return ""
-        children = getattr(candidate, "routes", None)
+        children, is_prefix = _children(candidate)
         if not children:
             continue
         found = _find_mount_prefix(children, target, depth + 1)
         if found is not None:
-            own = getattr(candidate, "path", "") if hasattr(candidate, "path_regex") else ""
+            own = getattr(candidate, "path", "") if is_prefix else ""
             return (own or "") + found
     return None

@@ -124,7 +124,23 @@ def build_app(
 
     app.include_router(router)
 
+    # The prefix given at include time, not on the router: FastAPI keeps that inclusion lazy.
+    late = APIRouter()
+
+    @late.get("/invoices/{invoice_id}")
+    async def read_invoice(invoice_id: int, db: AsyncDB) -> dict[str, int]:
+        return {"id": int(await db.scalar(sa.text("SELECT CAST(:id AS INTEGER)"), {"id": invoice_id}))}
+
+    app.include_router(late, prefix="/billing")
+
     admin = FastAPI()
+    admin_router = APIRouter()
+
+    @admin_router.get("/audits/{audit_id}")
+    async def read_audit(audit_id: int, db: AsyncDB) -> dict[str, int]:
+        return {"id": int(await db.scalar(sa.text("SELECT CAST(:id AS INTEGER)"), {"id": audit_id}))}
+
+    admin.include_router(admin_router, prefix="/v2")
 
     @admin.get("/reports/{report_id}")
     async def read_report(report_id: int, db: AsyncDB) -> dict[str, int]:

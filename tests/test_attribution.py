@@ -23,6 +23,8 @@ TEMPLATES = {
     "/sync/items/{item_id}",
     "/api/v1/orders/{order_id}",
     "/admin/reports/{report_id}",
+    "/billing/invoices/{invoice_id}",
+    "/admin/v2/audits/{audit_id}",
 }
 
 
@@ -86,7 +88,9 @@ async def test_each_endpoint_shape_gets_its_full_template(
     client: httpx.AsyncClient, app_and_engines  # type: ignore[no-untyped-def]
 ) -> None:
     _, registry = app_and_engines
-    for path in ("/users/3", "/sync/items/4", "/api/v1/orders/5", "/admin/reports/6"):
+    paths = ("/users/3", "/sync/items/4", "/api/v1/orders/5", "/admin/reports/6",
+             "/billing/invoices/7", "/admin/v2/audits/8")  # fmt: skip
+    for path in paths:
         response = await client.get(path)
         assert response.status_code == 200, (path, response.text)
     samples = scrape(registry)
@@ -94,6 +98,8 @@ async def test_each_endpoint_shape_gets_its_full_template(
     assert samples.value("poolwatch_use_seconds_count", pool="sync", route="/sync/items/{item_id}") == 1
     assert samples.value("poolwatch_use_seconds_count", pool="async", route="/api/v1/orders/{order_id}") == 1
     assert samples.value("poolwatch_use_seconds_count", pool="async", route="/admin/reports/{report_id}") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/billing/invoices/{invoice_id}") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/admin/v2/audits/{audit_id}") == 1
     assert routes_seen(registry) >= TEMPLATES
 
 
