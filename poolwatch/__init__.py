@@ -13,9 +13,17 @@ from prometheus_client.registry import CollectorRegistry
 
 from ._core import PoolWatch, watch
 from ._middleware import PoolWatchMiddleware
+from ._otel import otel_bridge
 from ._settings import PoolWatchSettings
 
-__all__ = ["PoolWatch", "PoolWatchMiddleware", "PoolWatchSettings", "instrument", "watch"]
+__all__ = [
+    "PoolWatch",
+    "PoolWatchMiddleware",
+    "PoolWatchSettings",
+    "instrument",
+    "otel_bridge",
+    "watch",
+]
 __version__ = "0.1.0"
 
 

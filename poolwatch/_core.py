@@ -19,7 +19,7 @@ from ._dialect_hooks import hook_dialect, unhook_dialect
 from ._engines import collect_engines, sync_engine_of
 from ._leaks import sweeper
 from ._listeners import EngineListeners
-from ._multiprocess import MultiProcessCollector, Publisher, multiprocess_directory, publish_interval
+from ._multiprocess import MultiProcessCollector, Publisher
 from ._pool_hooks import hook_pool, unhook_pool
 from ._recorder import PoolRecorder
 from ._requests import RequestStats
@@ -83,14 +83,14 @@ class _RegistryCollector:
     worker's output; the local one is what this worker publishes.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, settings: PoolWatchSettings) -> None:
         self.recorders: dict[str, PoolRecorder] = {}
         self.requests = RequestStats()
         self.users = 0
         local = PoolWatchCollector(lambda: list(self.recorders.values()), self.requests)
         self.publisher: Publisher | None = None
         self.collector: PoolWatchCollector | MultiProcessCollector = local
-        directory = multiprocess_directory()
+        directory = settings.multiproc_dir
         if directory is not None:
             # Workers make their registries in the same order, so the key matches across them.
             key = (
@@ -98,7 +98,7 @@ class _RegistryCollector:
                 if registry is prometheus_client.REGISTRY
                 else f"r{next(_registry_numbers)}"
             )
-            self.publisher = Publisher(local, directory, key, publish_interval())
+            self.publisher = Publisher(local, directory, key, settings.multiproc_interval_seconds)
             self.collector = MultiProcessCollector(self.publisher)
         registry.register(self.collector)
 
@@ -138,7 +138,9 @@ class PoolWatch:
         with _instrument_lock:
             shared = _registry_collectors.get(self.registry)
             if shared is None:
-                shared = _registry_collectors[self.registry] = _RegistryCollector(self.registry)
+                shared = _registry_collectors[self.registry] = _RegistryCollector(
+                    self.registry, self.settings
+                )
             shared.users += 1
             self._shared = shared
         engines = list(engines)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,6 +15,7 @@ class PoolWatchSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="POOLWATCH_",
         extra="forbid",
+        populate_by_name=True,
         frozen=True,
         validate_default=True,
     )
@@ -30,7 +32,17 @@ class PoolWatchSettings(BaseSettings):
     health_token: SecretStr | None = None
     health_saturated_status: Literal[503, 200] = 503
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = Field("0.0.0.0", min_length=1)
     tracing: bool = False
+    # Multi-worker servers: where workers share their numbers (see _multiprocess); prometheus_client's
+    # own PROMETHEUS_MULTIPROC_DIR is taken when poolwatch's is not set.
+    multiproc_dir: Path | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "multiproc_dir", "POOLWATCH_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC_DIR"
+        ),
+    )
+    multiproc_interval_seconds: float = Field(1.0, ge=0.01, le=3600, allow_inf_nan=False)
 
     @field_validator("metrics_path", "health_db_path", "health_live_path")
     @classmethod
