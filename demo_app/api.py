@@ -26,6 +26,16 @@ async def _user_or_404(session: AsyncSession, user_id: int) -> User:
     return user
 
 
+async def _save_user(session: AsyncSession, user: User) -> User:
+    """Flush and reload a user; a taken e-mail is the client's conflict, not a server error."""
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
+    await session.refresh(user)
+    return user
+
+
 async def _post_or_404(session: AsyncSession, user_id: int, post_id: int) -> Post:
     post = await session.get(Post, post_id)
     if post is None or post.author_id != user_id:
@@ -37,12 +47,7 @@ async def _post_or_404(session: AsyncSession, user_id: int, post_id: int) -> Pos
 async def create_user(body: UserCreate, session: Session) -> User:
     user = User(email=body.email, name=body.name)
     session.add(user)
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
-    await session.refresh(user)
-    return user
+    return await _save_user(session, user)
 
 
 @router.get("/users", response_model=Page[UserOut])
@@ -62,12 +67,7 @@ async def update_user(user_id: int, body: UserUpdate, session: Session) -> User:
     user = await _user_or_404(session, user_id)
     for field, value in body.model_dump(exclude_unset=True).items():
         setattr(user, field, value)
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
-    await session.refresh(user)
-    return user
+    return await _save_user(session, user)
 
 
 @router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
