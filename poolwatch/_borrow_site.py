@@ -101,7 +101,10 @@ def borrow_site(depth: int) -> tuple[CodeType, int] | None:
     ``depth`` counts frames up from this function, as ``sys._getframe`` does. The first frame is
     tested here before handing over to the full walk: code that calls the pool directly is common.
     """
-    frame = sys._getframe(depth)
+    try:
+        frame = sys._getframe(depth)
+    except ValueError:  # a shallow stack (the root of a greenlet or thread): nothing to name
+        return None
     library = is_library_code.get(frame.f_code)
     if library is None:
         library = _classify(frame.f_code)
@@ -116,7 +119,10 @@ def borrow_site(depth: int) -> tuple[CodeType, int] | None:
 def borrow_stack(depth: int) -> traceback.StackSummary:
     """The whole stack, across the greenlet boundary, without reading source lines now."""
     frames: list[tuple[FrameType, int]] = []
-    frame: FrameType | None = sys._getframe(depth)
+    try:
+        frame: FrameType | None = sys._getframe(depth)
+    except ValueError:  # a shallow stack: start from the outermost frame there is
+        frame = sys._getframe(1)
     parent_hops = 0
     while frame is not None and len(frames) < _MAX_FRAMES:
         frames.append((frame, frame.f_lineno))

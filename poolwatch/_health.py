@@ -73,8 +73,7 @@ class HealthEndpoints:
         payload: dict[str, Any] = {"status": shown}
         if self._details_allowed(scope):
             payload["pools"] = {
-                recorder.name: _details(answer)
-                for recorder, answer in zip(recorders, answers, strict=True)
+                recorder.name: _details(answer) for recorder, answer in zip(recorders, answers, strict=True)
             }
         return status_code, payload
 

@@ -78,10 +78,13 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
             if recorder.capture_site:
                 # The caller's frame is tested inline: when it is application code (a direct
                 # pool.connect()) that saves the call into the borrow-site walk.
-                caller = getframe(1)
-                if is_library_code.get(caller.f_code) is False:
+                try:
+                    caller = getframe(1)
+                except ValueError:  # connect() is the root of a greenlet or thread: no caller
+                    caller = None
+                if caller is not None and is_library_code.get(caller.f_code) is False:
                     site = (caller.f_code, caller.f_lineno)
-                else:
+                elif caller is not None:
                     site = borrow_site(2)
             # A plain tuple (see CheckoutEntry), built before the lock: see _recorder's docstring.
             entry = (
@@ -100,11 +103,13 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                     open_checkouts[record] = entry  # type: ignore[assignment]
             finally:
                 release()
-            next(waits_finished)
             if request is not None and request.response_started:
                 recorder.count_after_response(request.route)
         except Exception as error:
             internal_errors.record("checkout", error)
+        finally:
+            # Whatever failed above, this caller is no longer waiting.
+            next(waits_finished)
         return fairy
 
     def do_return_conn(record: Any) -> None:

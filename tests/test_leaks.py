@@ -174,3 +174,24 @@ def test_client_disconnect_mid_request_returns_the_connection(
     assert samples.value("poolwatch_use_seconds_count", pool="async", route="/hold/{seconds}") == 1
     assert sum(value for _, value in samples.find("poolwatch_leaks_total")) == 0
     assert sum(value for _, value in samples.find("poolwatch_gc_reclaimed_total")) == 0
+
+
+def test_checkout_from_the_root_of_a_greenlet_is_still_counted(
+    sync_url: str, registry: CollectorRegistry
+) -> None:
+    """pool.connect as a greenlet's first frame has no caller: the borrow site is unknown, no more."""
+    import greenlet
+
+    engine = sa.create_engine(sync_url, pool_size=1)
+    watch = poolwatch.watch(engine, registry=registry, name="root", leak_threshold_seconds=5)
+    errors_before = scrape(registry).value("poolwatch_internal_errors_total")
+    fairy = greenlet.greenlet(engine.pool.connect).switch()
+    samples = scrape(registry)
+    assert samples.value("poolwatch_checkouts_total", pool="root") == 1
+    assert samples.value("poolwatch_pending_requests", pool="root") == 0
+    assert samples.value("poolwatch_internal_errors_total") == errors_before
+    [entry] = watch.recorders[0].open_checkouts.values()
+    assert entry[3] is None  # no application frame to name
+    fairy.close()
+    assert scrape(registry).value("poolwatch_checkins_total", pool="root") == 1
+    engine.dispose()
