@@ -69,7 +69,7 @@ class PoolWatchCollector(Collector):
             yield from self._collect()
         except Exception as error:
             internal_errors.record("collect", error)
-            yield _counter("poolwatch_internal_errors", "poolwatch's own swallowed failures", [])
+            yield _counter("poolwatch_internal_errors_total", "poolwatch's own swallowed failures", [])
 
     def _collect(self) -> Iterator[Metric]:
         families = _Families()
@@ -83,9 +83,7 @@ class PoolWatchCollector(Collector):
         yield from families.all()
 
 
-def with_exemplar(
-    buckets: list[tuple[str, float]], exemplar: RecordedExemplar
-) -> list[Any]:
+def with_exemplar(buckets: list[tuple[str, float]], exemplar: RecordedExemplar) -> list[Any]:
     """The buckets with ``exemplar`` attached to the first bucket its value falls into.
 
     OpenMetrics allows one exemplar per bucket; the text format ignores them.
@@ -124,12 +122,8 @@ class _Families:
         self.connections_max = _gauge(
             "poolwatch_connections_max", "pool_size + max_overflow (absent for unbounded pools).", p
         )
-        self.overflow = _gauge(
-            "poolwatch_connections_overflow", "Connections open beyond pool_size now.", p
-        )
-        self.pending = _gauge(
-            "poolwatch_pending_requests", "Callers waiting for a connection now.", p
-        )
+        self.overflow = _gauge("poolwatch_connections_overflow", "Connections open beyond pool_size now.", p)
+        self.pending = _gauge("poolwatch_pending_requests", "Callers waiting for a connection now.", p)
         self.oldest = _gauge(
             "poolwatch_oldest_checkout_age_seconds",
             "Age of the longest-held checkout now (0 if none).",
@@ -141,37 +135,35 @@ class _Families:
         self.info = _gauge(
             "poolwatch_pool_info", "What the pool is.", ["pool", "dialect", "driver", "pool_class"]
         )
-        self.checkouts = _counter("poolwatch_checkouts", "Checkouts.", p)
-        self.checkins = _counter("poolwatch_checkins", "Checkins.", p)
-        self.connects = _counter("poolwatch_connects", "New DBAPI connections opened.", p)
-        self.disconnects = _counter("poolwatch_disconnects", "DBAPI connections closed.", p)
+        self.checkouts = _counter("poolwatch_checkouts_total", "Checkouts.", p)
+        self.checkins = _counter("poolwatch_checkins_total", "Checkins.", p)
+        self.connects = _counter("poolwatch_connects_total", "New DBAPI connections opened.", p)
+        self.disconnects = _counter("poolwatch_disconnects_total", "DBAPI connections closed.", p)
         self.timeouts = _counter(
-            "poolwatch_timeouts", "Checkouts that gave up (pool limit reached).", p
+            "poolwatch_timeouts_total", "Checkouts that gave up (pool limit reached).", p
         )
-        self.pre_ping = _counter(
-            "poolwatch_pre_ping_failures", "Pre-ping found a dead connection.", p
-        )
+        self.pre_ping = _counter("poolwatch_pre_ping_failures_total", "Pre-ping found a dead connection.", p)
         self.invalidations = _counter(
-            "poolwatch_invalidations", "Invalidated connections by reason.", ["pool", "reason"]
+            "poolwatch_invalidations_total", "Invalidated connections by reason.", ["pool", "reason"]
         )
         self.leaks = _counter(
-            "poolwatch_leaks", "Checkouts that crossed the leak threshold.", ["pool", "route"]
+            "poolwatch_leaks_total", "Checkouts that crossed the leak threshold.", ["pool", "route"]
         )
         self.gc_reclaimed = _counter(
-            "poolwatch_gc_reclaimed",
+            "poolwatch_gc_reclaimed_total",
             "Checkouts never returned, reclaimed by the garbage collector.",
             ["pool", "route"],
         )
         self.after_response = _counter(
-            "poolwatch_checkouts_after_response",
+            "poolwatch_checkouts_after_response_total",
             "Checkouts made after the response started (streaming bodies, background tasks).",
             ["pool", "route"],
         )
         self.query_errors = _counter(
-            "poolwatch_query_errors", "Statements that raised.", ["pool", "operation", "error"]
+            "poolwatch_query_errors_total", "Statements that raised.", ["pool", "operation", "error"]
         )
         self.internal_errors = _counter(
-            "poolwatch_internal_errors", "poolwatch's own swallowed failures.", []
+            "poolwatch_internal_errors_total", "poolwatch's own swallowed failures.", []
         )
         self.wait = _histogram("poolwatch_wait_seconds", "Time spent waiting for a checkout.", p)
         self.use = _histogram(
@@ -179,12 +171,8 @@ class _Families:
             "Time a connection was held, checkout to checkin.",
             ["pool", "route"],
         )
-        self.connect = _histogram(
-            "poolwatch_connect_seconds", "Time to open a new DBAPI connection.", p
-        )
-        self.query = _histogram(
-            "poolwatch_query_seconds", "Statement execution time.", ["pool", "operation"]
-        )
+        self.connect = _histogram("poolwatch_connect_seconds", "Time to open a new DBAPI connection.", p)
+        self.query = _histogram("poolwatch_query_seconds", "Statement execution time.", ["pool", "operation"])
         self.request_queries = _histogram(
             "poolwatch_request_queries", "Statements executed per HTTP request.", ["route"]
         )
