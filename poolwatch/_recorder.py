@@ -217,10 +217,6 @@ class PoolRecorder:
 
     # -- statements -----------------------------------------------------------------------------
 
-    def query_finished(self, operation: str, seconds: float) -> None:
-        with self.lock:
-            self.query[operation].observe(seconds)
-
     def query_failed(self, operation: str, error: str) -> None:
         key = (operation, error)
         with self.lock:
