@@ -2,13 +2,19 @@
 
 Gauges come from the pool itself (or, for pools that keep no count, from the table of live
 checkouts), never from inc/dec bookkeeping, so they cannot drift or go negative.
+
+A scrape is first read into plain rows (``read_scrape``). Those rows become prometheus_client metric
+families for anything that reads the registry, and are written straight to text by
+``_text_writer`` when poolwatch serves ``/metrics`` itself: building a Sample object per bucket of
+every route's histogram is most of what a scrape costs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -19,12 +25,11 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
+from ._histogram import HistogramCopy
 from ._log import internal_errors
 from ._recorder import Exemplar as RecordedExemplar
-from ._recorder import PoolRecorder, RecorderSnapshot
+from ._recorder import PoolRecorder
 from ._requests import RequestStats
-
-Buckets = tuple[list[tuple[str, float]], float]
 
 
 @dataclass
@@ -53,6 +58,132 @@ def read_pool_state(recorder: PoolRecorder, live_count: int) -> PoolState:
     )
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One metric family of the catalogue: its exposed name, kind, help text and label names."""
+
+    name: str  # as exposed: counters end in _total
+    kind: Literal["gauge", "counter", "histogram"]
+    help: str
+    labels: tuple[str, ...]
+
+
+def _spec(name: str, kind: Literal["gauge", "counter", "histogram"], help: str, *labels: str) -> Spec:
+    return Spec(name, kind, help, labels)
+
+
+POOL = "pool"
+SPECS: dict[str, Spec] = {
+    spec.name: spec
+    for spec in (
+        _spec("poolwatch_connections", "gauge", "Connections checked out (used) or idle in the pool now.", POOL, "state"),
+        _spec("poolwatch_connections_max", "gauge", "pool_size + max_overflow (absent for unbounded pools).", POOL),
+        _spec("poolwatch_connections_overflow", "gauge", "Connections open beyond pool_size now.", POOL),
+        _spec("poolwatch_pending_requests", "gauge", "Callers waiting for a connection now.", POOL),
+        _spec("poolwatch_oldest_checkout_age_seconds", "gauge", "Age of the longest-held checkout now (0 if none).", POOL),
+        _spec("poolwatch_leaked_connections", "gauge", "Checkouts held longer than the leak threshold now.", POOL),
+        _spec("poolwatch_pool_info", "gauge", "What the pool is.", POOL, "dialect", "driver", "pool_class"),
+        _spec("poolwatch_checkouts_total", "counter", "Checkouts.", POOL),
+        _spec("poolwatch_checkins_total", "counter", "Checkins.", POOL),
+        _spec("poolwatch_connects_total", "counter", "New DBAPI connections opened.", POOL),
+        _spec("poolwatch_disconnects_total", "counter", "DBAPI connections closed.", POOL),
+        _spec("poolwatch_timeouts_total", "counter", "Checkouts that gave up (pool limit reached).", POOL),
+        _spec("poolwatch_pre_ping_failures_total", "counter", "Pre-ping found a dead connection.", POOL),
+        _spec("poolwatch_invalidations_total", "counter", "Invalidated connections by reason.", POOL, "reason"),
+        _spec("poolwatch_leaks_total", "counter", "Checkouts that crossed the leak threshold.", POOL, "route"),
+        _spec("poolwatch_gc_reclaimed_total", "counter", "Checkouts never returned, reclaimed by the garbage collector.", POOL, "route"),
+        _spec("poolwatch_checkouts_after_response_total", "counter", "Checkouts made after the response started (streaming bodies, background tasks).", POOL, "route"),
+        _spec("poolwatch_query_errors_total", "counter", "Statements that raised.", POOL, "operation", "error"),
+        _spec("poolwatch_internal_errors_total", "counter", "poolwatch's own swallowed failures."),
+        _spec("poolwatch_wait_seconds", "histogram", "Time spent waiting for a checkout.", POOL),
+        _spec("poolwatch_use_seconds", "histogram", "Time a connection was held, checkout to checkin.", POOL, "route"),
+        _spec("poolwatch_connect_seconds", "histogram", "Time to open a new DBAPI connection.", POOL),
+        _spec("poolwatch_query_seconds", "histogram", "Statement execution time.", POOL, "operation"),
+        _spec("poolwatch_request_queries", "histogram", "Statements executed per HTTP request.", "route"),
+    )
+}  # fmt: skip
+
+
+@dataclass
+class HistogramRow:
+    copy: HistogramCopy
+    exemplar: RecordedExemplar | None = None
+
+
+Value = float | HistogramRow
+
+
+@dataclass
+class Scrape:
+    """What one scrape says: for each family, (label values, value) rows in catalogue order."""
+
+    rows: dict[str, list[tuple[tuple[str, ...], Value]]] = field(
+        default_factory=lambda: {name: [] for name in SPECS}
+    )
+
+    def add(self, name: str, labels: tuple[str, ...], value: Value) -> None:
+        self.rows[name].append((labels, value))
+
+
+def read_scrape(recorders: Iterable[PoolRecorder], requests: RequestStats | None) -> Scrape:
+    scrape = Scrape()
+    for recorder in recorders:
+        _read_pool(scrape, recorder)
+    if requests is not None:
+        for route, copy in requests.snapshot().items():
+            scrape.add("poolwatch_request_queries", (route,), HistogramRow(copy))
+    scrape.add("poolwatch_internal_errors_total", (), float(internal_errors.count))
+    return scrape
+
+
+def _read_pool(scrape: Scrape, recorder: PoolRecorder) -> None:
+    snap = recorder.snapshot()
+    state = read_pool_state(recorder, snap.live.count)
+    name = recorder.name
+    pool = (name,)
+    add = scrape.add
+    add("poolwatch_connections", (name, "used"), state.used)
+    add("poolwatch_connections", (name, "idle"), state.idle)
+    if state.max is not None:
+        add("poolwatch_connections_max", pool, state.max)
+    add("poolwatch_connections_overflow", pool, state.overflow)
+    add("poolwatch_pending_requests", pool, max(0, snap.pending))
+    add("poolwatch_oldest_checkout_age_seconds", pool, snap.live.oldest_age)
+    add("poolwatch_leaked_connections", pool, snap.live.leaked)
+    pool_class = type(recorder.pool).__name__ if recorder.pool is not None else "unknown"
+    add("poolwatch_pool_info", (name, recorder.dialect, recorder.driver, pool_class), 1)
+    add("poolwatch_checkouts_total", pool, snap.checkouts)
+    add("poolwatch_checkins_total", pool, snap.checkins)
+    add("poolwatch_connects_total", pool, snap.connects)
+    add("poolwatch_disconnects_total", pool, snap.disconnects)
+    add("poolwatch_timeouts_total", pool, snap.timeouts)
+    add("poolwatch_pre_ping_failures_total", pool, snap.pre_ping_failures)
+    for reason, count in snap.invalidations.items():
+        add("poolwatch_invalidations_total", (name, reason), count)
+    for route, count in snap.leaks.items():
+        add("poolwatch_leaks_total", (name, route), count)
+    for route, count in snap.gc_reclaimed.items():
+        add("poolwatch_gc_reclaimed_total", (name, route), count)
+    for route, count in snap.after_response.items():
+        add("poolwatch_checkouts_after_response_total", (name, route), count)
+    for (operation, error), count in snap.query_errors.items():
+        add("poolwatch_query_errors_total", (name, operation, error), count)
+    add("poolwatch_wait_seconds", pool, HistogramRow(snap.wait))
+    add("poolwatch_connect_seconds", pool, HistogramRow(snap.connect_time))
+    # Exemplars are read without the lock: each is one tuple, replaced whole by the hot path.
+    use_exemplars = recorder.use_exemplars
+    query_exemplars = recorder.query_exemplars
+    for route, copy in snap.use.items():
+        add("poolwatch_use_seconds", (name, route), HistogramRow(copy, use_exemplars.get(route)))
+    for operation, copy in snap.query.items():
+        row = HistogramRow(copy, query_exemplars.get(operation))
+        add("poolwatch_query_seconds", (name, operation), row)
+
+
+# Set while poolwatch writes its own families itself, so the registry pass skips them.
+writing_directly: ContextVar[bool] = ContextVar("poolwatch_writing_directly", default=False)
+
+
 class PoolWatchCollector(Collector):
     """Yields every poolwatch metric family for the recorders it is given."""
 
@@ -64,23 +195,43 @@ class PoolWatchCollector(Collector):
         self._recorders = recorders
         self._requests = requests
 
+    def read(self) -> Scrape:
+        return read_scrape(list(self._recorders()), self._requests)
+
     def collect(self) -> Iterator[Metric]:
+        if writing_directly.get():
+            return
         try:
-            yield from self._collect()
+            scrape = self.read()
         except Exception as error:
             internal_errors.record("collect", error)
-            yield _counter("poolwatch_internal_errors_total", "poolwatch's own swallowed failures", [])
+            scrape = Scrape()
+            scrape.add("poolwatch_internal_errors_total", (), float(internal_errors.count))
+        yield from to_metric_families(scrape)
 
-    def _collect(self) -> Iterator[Metric]:
-        families = _Families()
-        for recorder in list(self._recorders()):
-            snap = recorder.snapshot()
-            families.add_pool(recorder, snap, read_pool_state(recorder, snap.live.count))
-        if self._requests is not None:
-            for route, buckets in self._requests.snapshot().items():
-                families.request_queries.add_metric([route], *buckets)
-        families.internal_errors.add_metric([], internal_errors.count)
-        yield from families.all()
+
+def to_metric_families(scrape: Scrape) -> Iterator[Metric]:
+    for name, rows in scrape.rows.items():
+        spec = SPECS[name]
+        labels = list(spec.labels)
+        family: Metric
+        if spec.kind == "histogram":
+            histogram = HistogramMetricFamily(name, spec.help, labels=labels, unit="")
+            for label_values, value in rows:
+                assert isinstance(value, HistogramRow)
+                buckets, total = value.copy.cumulative()
+                if value.exemplar is not None:
+                    buckets = with_exemplar(buckets, value.exemplar)
+                histogram.add_metric(list(label_values), buckets, total)
+            family = histogram
+        else:
+            kind = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+            scalar = kind(name, spec.help, labels=labels)
+            for label_values, value in rows:
+                assert not isinstance(value, HistogramRow)
+                scalar.add_metric(list(label_values), value)
+            family = scalar
+        yield family
 
 
 def with_exemplar(buckets: list[tuple[str, float]], exemplar: RecordedExemplar) -> list[Any]:
@@ -95,132 +246,3 @@ def with_exemplar(buckets: list[tuple[str, float]], exemplar: RecordedExemplar) 
             attached[index] = (bound, count, Exemplar({"trace_id": trace_id}, value, timestamp))
             break
     return attached
-
-
-def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, labels=labels)
-
-
-def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, labels=labels)
-
-
-def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
-    return HistogramMetricFamily(name, doc, labels=labels, unit="")
-
-
-class _Families:
-    """One family object per metric name, filled pool by pool."""
-
-    def __init__(self) -> None:
-        p = ["pool"]
-        self.connections = _gauge(
-            "poolwatch_connections",
-            "Connections checked out (used) or idle in the pool now.",
-            ["pool", "state"],
-        )
-        self.connections_max = _gauge(
-            "poolwatch_connections_max", "pool_size + max_overflow (absent for unbounded pools).", p
-        )
-        self.overflow = _gauge("poolwatch_connections_overflow", "Connections open beyond pool_size now.", p)
-        self.pending = _gauge("poolwatch_pending_requests", "Callers waiting for a connection now.", p)
-        self.oldest = _gauge(
-            "poolwatch_oldest_checkout_age_seconds",
-            "Age of the longest-held checkout now (0 if none).",
-            p,
-        )
-        self.leaked = _gauge(
-            "poolwatch_leaked_connections", "Checkouts held longer than the leak threshold now.", p
-        )
-        self.info = _gauge(
-            "poolwatch_pool_info", "What the pool is.", ["pool", "dialect", "driver", "pool_class"]
-        )
-        self.checkouts = _counter("poolwatch_checkouts_total", "Checkouts.", p)
-        self.checkins = _counter("poolwatch_checkins_total", "Checkins.", p)
-        self.connects = _counter("poolwatch_connects_total", "New DBAPI connections opened.", p)
-        self.disconnects = _counter("poolwatch_disconnects_total", "DBAPI connections closed.", p)
-        self.timeouts = _counter(
-            "poolwatch_timeouts_total", "Checkouts that gave up (pool limit reached).", p
-        )
-        self.pre_ping = _counter("poolwatch_pre_ping_failures_total", "Pre-ping found a dead connection.", p)
-        self.invalidations = _counter(
-            "poolwatch_invalidations_total", "Invalidated connections by reason.", ["pool", "reason"]
-        )
-        self.leaks = _counter(
-            "poolwatch_leaks_total", "Checkouts that crossed the leak threshold.", ["pool", "route"]
-        )
-        self.gc_reclaimed = _counter(
-            "poolwatch_gc_reclaimed_total",
-            "Checkouts never returned, reclaimed by the garbage collector.",
-            ["pool", "route"],
-        )
-        self.after_response = _counter(
-            "poolwatch_checkouts_after_response_total",
-            "Checkouts made after the response started (streaming bodies, background tasks).",
-            ["pool", "route"],
-        )
-        self.query_errors = _counter(
-            "poolwatch_query_errors_total", "Statements that raised.", ["pool", "operation", "error"]
-        )
-        self.internal_errors = _counter(
-            "poolwatch_internal_errors_total", "poolwatch's own swallowed failures.", []
-        )
-        self.wait = _histogram("poolwatch_wait_seconds", "Time spent waiting for a checkout.", p)
-        self.use = _histogram(
-            "poolwatch_use_seconds",
-            "Time a connection was held, checkout to checkin.",
-            ["pool", "route"],
-        )
-        self.connect = _histogram("poolwatch_connect_seconds", "Time to open a new DBAPI connection.", p)
-        self.query = _histogram("poolwatch_query_seconds", "Statement execution time.", ["pool", "operation"])
-        self.request_queries = _histogram(
-            "poolwatch_request_queries", "Statements executed per HTTP request.", ["route"]
-        )
-
-    def add_pool(self, recorder: PoolRecorder, snap: RecorderSnapshot, state: PoolState) -> None:
-        name = recorder.name
-        pool = recorder.pool
-        self.connections.add_metric([name, "used"], state.used)
-        self.connections.add_metric([name, "idle"], state.idle)
-        if state.max is not None:
-            self.connections_max.add_metric([name], state.max)
-        self.overflow.add_metric([name], state.overflow)
-        self.pending.add_metric([name], max(0, snap.pending))
-        self.oldest.add_metric([name], snap.live.oldest_age)
-        self.leaked.add_metric([name], snap.live.leaked)
-        pool_class = type(pool).__name__ if pool is not None else "unknown"
-        self.info.add_metric([name, recorder.dialect, recorder.driver, pool_class], 1)
-        self.checkouts.add_metric([name], snap.checkouts)
-        self.checkins.add_metric([name], snap.checkins)
-        self.connects.add_metric([name], snap.connects)
-        self.disconnects.add_metric([name], snap.disconnects)
-        self.timeouts.add_metric([name], snap.timeouts)
-        self.pre_ping.add_metric([name], snap.pre_ping_failures)
-        for reason, count in snap.invalidations.items():
-            self.invalidations.add_metric([name, reason], count)
-        for route, count in snap.leaks.items():
-            self.leaks.add_metric([name, route], count)
-        for route, count in snap.gc_reclaimed.items():
-            self.gc_reclaimed.add_metric([name, route], count)
-        for route, count in snap.after_response.items():
-            self.after_response.add_metric([name, route], count)
-        for (operation, error), count in snap.query_errors.items():
-            self.query_errors.add_metric([name, operation, error], count)
-        self.wait.add_metric([name], *snap.wait)
-        self.connect.add_metric([name], *snap.connect_time)
-        # Exemplars are read without the lock: each is one tuple, replaced whole by the hot path.
-        use_exemplars = recorder.use_exemplars
-        query_exemplars = recorder.query_exemplars
-        for route, (buckets, total) in snap.use.items():
-            exemplar = use_exemplars.get(route)
-            if exemplar is not None:
-                buckets = with_exemplar(buckets, exemplar)
-            self.use.add_metric([name, route], buckets, total)
-        for operation, (buckets, total) in snap.query.items():
-            exemplar = query_exemplars.get(operation)
-            if exemplar is not None:
-                buckets = with_exemplar(buckets, exemplar)
-            self.query.add_metric([name, operation], buckets, total)
-
-    def all(self) -> Iterator[Metric]:
-        yield from vars(self).values()

@@ -181,6 +181,13 @@ class PoolWatch:
         return [_instrumented[engine].recorder for engine in self._engines]
 
     @property
+    def direct_collector(self) -> PoolWatchCollector | None:
+        """The collector whose families poolwatch may write itself: not under multi-worker mode,
+        where the registered collector merges other workers' files instead."""
+        collector = self._shared.collector
+        return collector if isinstance(collector, PoolWatchCollector) else None
+
+    @property
     def requests(self) -> RequestStats:
         return self._shared.requests
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from bisect import bisect_left
+from functools import cache
+from typing import NamedTuple
 
 # Seconds. Fine at the low end, where a healthy pool lives, and up to a minute, past any sane
 # pool_timeout, so a starving pool still lands in a real bucket.
@@ -32,17 +34,29 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def copy(self) -> HistogramCopy:
+        """A copy to format later; callers hold the lock that serialises the writers."""
+        return HistogramCopy(self.bounds, list(self.counts), self.total)
+
+
+class HistogramCopy(NamedTuple):
+    """One histogram at one instant: per-bucket counts (not cumulative; the last is +Inf)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int]
+    total: float
+
     def cumulative(self) -> tuple[list[tuple[str, float]], float]:
         """Buckets as prometheus_client's HistogramMetricFamily wants them, and the sum."""
-        counts, total = list(self.counts), self.total
         buckets: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip(self.bounds, counts, strict=False):
+        for bound, count in zip(bound_labels(self.bounds), self.counts, strict=True):
             running += count
-            buckets.append((_format_bound(bound), running))
-        buckets.append(("+Inf", running + counts[-1]))
-        return buckets, total
+            buckets.append((bound, running))
+        return buckets, self.total
 
 
-def _format_bound(bound: float) -> str:
-    return repr(float(bound))
+@cache
+def bound_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """The ``le`` strings of a bucket layout, +Inf included; formatted once per layout."""
+    return (*(repr(float(bound)) for bound in bounds), "+Inf")

@@ -87,4 +87,4 @@ class PoolWatchMiddleware:
         self.watch.app_loop = asyncio.get_running_loop()
 
     async def _serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_metrics(self.watch.registry, scope, receive, send)
+        await serve_metrics(self.watch.registry, scope, receive, send, self.watch.direct_collector)

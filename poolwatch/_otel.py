@@ -269,18 +269,23 @@ class OtelBridge:
             for recorder, snap in self._snapshots:
                 pool = _pool(recorder)
                 name = recorder.name
-                self._replay(self._create_time, ("create", name, ""), snap.connect_time, pool)
-                self._replay(self._wait_time, ("wait", name, ""), snap.wait, pool)
-                for route, buckets in snap.use.items():
-                    self._replay(self._use_time, ("use", name, route), buckets, pool)
-                for operation, buckets in snap.query.items():
+                self._replay(
+                    self._create_time, ("create", name, ""), snap.connect_time.cumulative(), pool
+                )
+                self._replay(self._wait_time, ("wait", name, ""), snap.wait.cumulative(), pool)
+                for route, copy in snap.use.items():
+                    self._replay(self._use_time, ("use", name, route), copy.cumulative(), pool)
+                for operation, copy in snap.query.items():
                     attributes = {
                         **pool,
                         "db.system.name": recorder.dialect,
                         "db.operation.name": operation,
                     }
                     self._replay(
-                        self._operation_duration, ("query", name, operation), buckets, attributes
+                        self._operation_duration,
+                        ("query", name, operation),
+                        copy.cumulative(),
+                        attributes,
                     )
 
     def _replay(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._borrow_site import describe_site
 from ._context import NO_REQUEST, RequestContext, route_label
-from ._histogram import Histogram
+from ._histogram import Histogram, HistogramCopy
 from ._log import logger
 
 if TYPE_CHECKING:
@@ -94,10 +94,10 @@ class RecorderSnapshot:
     gc_reclaimed: dict[str, int]
     after_response: dict[str, int]
     query_errors: dict[tuple[str, str], int]
-    wait: tuple[list[tuple[str, float]], float]
-    connect_time: tuple[list[tuple[str, float]], float]
-    use: dict[str, tuple[list[tuple[str, float]], float]]
-    query: dict[str, tuple[list[tuple[str, float]], float]]
+    wait: HistogramCopy
+    connect_time: HistogramCopy
+    use: dict[str, HistogramCopy]
+    query: dict[str, HistogramCopy]
     live: LiveCheckouts = field(default_factory=LiveCheckouts)
 
 
@@ -279,10 +279,10 @@ class PoolRecorder:
                 gc_reclaimed=dict(self.gc_reclaimed),
                 after_response=dict(self.after_response),
                 query_errors=dict(self.query_errors),
-                wait=self.wait.cumulative(),
-                connect_time=self.connect_time.cumulative(),
-                use={route: h.cumulative() for route, h in self.use.items()},
-                query={op: h.cumulative() for op, h in self.query.items()},
+                wait=self.wait.copy(),
+                connect_time=self.connect_time.copy(),
+                use={route: h.copy() for route, h in self.use.items()},
+                query={op: h.copy() for op, h in self.query.items()},
             )
         snapshot.live = self.live_checkouts()
         return snapshot

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from ._histogram import COUNT_BUCKETS, Histogram
-
-Buckets = tuple[list[tuple[str, float]], float]
+from ._histogram import COUNT_BUCKETS, Histogram, HistogramCopy
 
 
 class RequestStats:
@@ -23,6 +21,6 @@ class RequestStats:
                 histogram = self._queries[route] = Histogram(COUNT_BUCKETS)
             histogram.observe(queries)
 
-    def snapshot(self) -> dict[str, Buckets]:
+    def snapshot(self) -> dict[str, HistogramCopy]:
         with self._lock:
-            return {route: h.cumulative() for route, h in self._queries.items()}
+            return {route: h.copy() for route, h in self._queries.items()}

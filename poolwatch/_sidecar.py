@@ -119,7 +119,10 @@ class SidecarServer:
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]
         rendered = render(
-            self.watch.registry, environ.get("HTTP_ACCEPT"), environ.get("HTTP_ACCEPT_ENCODING")
+            self.watch.registry,
+            environ.get("HTTP_ACCEPT"),
+            environ.get("HTTP_ACCEPT_ENCODING"),
+            self.watch.direct_collector,
         )
         headers = [("Content-Type", rendered.content_type), ("Cache-Control", "no-store")]
         headers += [(k.decode("latin-1"), v.decode("latin-1")) for k, v in rendered.headers]
