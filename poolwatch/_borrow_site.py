@@ -96,7 +96,7 @@ def _parent_greenlet_frame() -> FrameType | None:
 
 
 def borrow_site(depth: int) -> tuple[CodeType, int] | None:
-    """(code, line) of the application frame that took the connection; cheap to keep.
+    """(code, instruction offset) of the application frame that took the connection.
 
     ``depth`` counts frames up from this function, as ``sys._getframe`` does. The first frame is
     tested here before handing over to the full walk: code that calls the pool directly is common.
@@ -113,7 +113,7 @@ def borrow_site(depth: int) -> tuple[CodeType, int] | None:
         if found is None:
             return None
         frame = found
-    return frame.f_code, frame.f_lineno
+    return frame.f_code, frame.f_lasti
 
 
 def borrow_stack(depth: int) -> traceback.StackSummary:
@@ -135,7 +135,21 @@ def borrow_stack(depth: int) -> traceback.StackSummary:
 
 
 def describe_site(site: tuple[CodeType, int] | None) -> dict[str, str]:
+    """``file:line`` and function of a site kept as (code, instruction offset)."""
     if site is None:
         return {"site": "<unknown>", "function": "<unknown>"}
-    code, line = site
-    return {"site": f"{code.co_filename}:{line}", "function": code.co_qualname}
+    code, offset = site
+    return {"site": f"{code.co_filename}:{line_of(code, offset)}", "function": code.co_qualname}
+
+
+def line_of(code: CodeType, offset: int) -> int | None:
+    """The source line of an instruction offset; what ``frame.f_lineno`` would have said.
+
+    Kept lazy because ``f_lineno`` decodes the code object's line table on every call, a cost
+    that grows with the function's length; a checkout keeps the offset and a leak report, which is
+    rare, pays for the decoding.
+    """
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line
+    return code.co_firstlineno

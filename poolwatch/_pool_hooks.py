@@ -83,7 +83,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                 except ValueError:  # connect() is the root of a greenlet or thread: no caller
                     caller = None
                 if caller is not None and is_library_code.get(caller.f_code) is False:
-                    site = (caller.f_code, caller.f_lineno)
+                    site = (caller.f_code, caller.f_lasti)
                 elif caller is not None:
                     site = borrow_site(2)
             # A plain tuple (see CheckoutEntry), built before the lock: see _recorder's docstring.
