@@ -7,7 +7,7 @@ bookkeeping. ``_invoke_creator`` and ``_close_connection`` are the single places
 class opens and closes DBAPI connections, detached ones included.
 
 Hooks are instance attributes, so they vanish with the pool; ``engine.dispose()`` builds a new pool,
-and the ``engine_disposed`` listener (in ``_listeners``) hooks that one too.
+and poolwatch's wrapper on the engine's ``dispose`` (in ``_listeners``) hooks that one too.
 """
 
 from __future__ import annotations
