@@ -186,6 +186,14 @@ def machine_lines() -> list[str]:
     ]
 
 
+def print_header(title: str) -> None:
+    """The heading every benchmark report starts with: what ran, on what, from which source."""
+    print(f"# {title}\n")
+    print("\n".join(machine_lines()))
+    print(source_line())
+    print(f"- command: `{command_line()}`", flush=True)
+
+
 def command_line() -> str:
     return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 

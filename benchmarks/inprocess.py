@@ -28,10 +28,8 @@ import statistics
 import time
 
 from _common import (
-    command_line,
     database_url_from_env,
-    machine_lines,
-    source_line,
+    print_header,
     table,
     throwaway_database,
     with_driver,
@@ -165,10 +163,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for the shuffled order")
     parser.add_argument("--profile", type=int, default=0, help="also cProfile N poolwatch requests")
     args = parser.parse_args()
-    print("# poolwatch per-request cost, in-process paired windows\n")
-    print("\n".join(machine_lines()))
-    print(source_line())
-    print(f"- command: `{command_line()}`", flush=True)
+    print_header("poolwatch per-request cost, in-process paired windows")
     with throwaway_database(args.url, "poolwatch_inproc") as url:
         asyncio.run(run(args, url))
 

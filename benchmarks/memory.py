@@ -34,11 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    command_line,
     database_url_from_env,
-    machine_lines,
+    print_header,
     rss_bytes,
-    source_line,
     table,
     throwaway_database,
     with_driver,
@@ -248,10 +246,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16, help="concurrent requests")
     parser.add_argument("--tracemalloc", action="store_true", help="also trace allocations (3x slower)")
     args = parser.parse_args()
-    print("# poolwatch memory under load\n")
-    print("\n".join(machine_lines()))
-    print(source_line())
-    print(f"- command: `{command_line()}`", flush=True)
+    print_header("poolwatch memory under load")
     with throwaway_database(args.url, "poolwatch_memory") as url:
         asyncio.run(run(args, url))
 

@@ -33,11 +33,9 @@ from typing import Any
 import sqlalchemy as sa
 import uvicorn
 from _common import (
-    command_line,
     database_url_from_env,
     free_port,
-    machine_lines,
-    source_line,
+    print_header,
     table,
     throwaway_database,
     with_driver,
@@ -293,10 +291,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the renders too")
     args = parser.parse_args()
 
-    print("# poolwatch /metrics render cost (3 pools x 50 routes)\n")
-    print("\n".join(machine_lines()))
-    print(source_line())
-    print(f"- command: `{command_line()}`", flush=True)
+    print_header("poolwatch /metrics render cost (3 pools x 50 routes)")
     with throwaway_database(args.url, "poolwatch_render") as url:
         engines = {
             name: sa.create_engine(with_driver(url, "psycopg"), pool_size=5, max_overflow=5) for name in POOLS
