@@ -46,8 +46,8 @@ from fastapi import FastAPI
 from starlette.types import Message
 
 import poolwatch
-import poolwatch._context
-import poolwatch._sql
+import poolwatch._capture.sql
+import poolwatch._record.context
 from demo_app.settings import DemoSettings
 
 TARGET_BYTES = 5 * 1024 * 1024
@@ -155,8 +155,8 @@ def table_sizes(app: FastAPI) -> dict[str, int]:
         sizes["after-response routes"] = len(recorder.after_response)
         sizes["checkouts counted"] = recorder.checkouts
     sizes["request_queries routes"] = len(watch.requests.snapshot())
-    sizes["statement operation cache"] = len(poolwatch._sql.operation_cache)
-    sizes["mount prefix cache"] = len(poolwatch._context._mount_prefixes)
+    sizes["statement operation cache"] = len(poolwatch._capture.sql.operation_cache)
+    sizes["mount prefix cache"] = len(poolwatch._record.context._mount_prefixes)
     return sizes
 
 

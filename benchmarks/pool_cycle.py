@@ -25,7 +25,7 @@ from sqlalchemy import event
 from starlette.routing import Route
 
 import poolwatch
-from poolwatch._context import RequestContext, current_request
+from poolwatch._record.context import RequestContext, current_request
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 ROUTE = Route("/users/{user_id}", lambda request: None)
@@ -79,7 +79,10 @@ def otel_pool_metric(engine: sa.Engine) -> Any:
 @contextlib.contextmanager
 def multiworker_mode(directory: str, interval: float) -> Iterator[None]:
     """Watch as a gunicorn/uvicorn worker does: publishing snapshots for the other workers."""
-    saved = {name: os.environ.get(name) for name in ("POOLWATCH_MULTIPROC_DIR", "POOLWATCH_MULTIPROC_INTERVAL_SECONDS")}
+    saved = {
+        name: os.environ.get(name)
+        for name in ("POOLWATCH_MULTIPROC_DIR", "POOLWATCH_MULTIPROC_INTERVAL_SECONDS")
+    }
     os.environ["POOLWATCH_MULTIPROC_DIR"] = directory
     os.environ["POOLWATCH_MULTIPROC_INTERVAL_SECONDS"] = str(interval)
     try:
@@ -164,9 +167,7 @@ class Result:
         }
 
 
-def measure(
-    timers: dict[str, Callable[[int], float]], rounds: int, cycles: int, baseline: str
-) -> Result:
+def measure(timers: dict[str, Callable[[int], float]], rounds: int, cycles: int, baseline: str) -> Result:
     samples: dict[str, list[float]] = {name: [] for name in timers}
     for timer in timers.values():
         timer(max(100, cycles // 10))  # warm up: connections opened, caches filled

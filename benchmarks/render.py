@@ -1,10 +1,10 @@
 """Cost of a scrape: rendering ``/metrics`` for 3 pools x 50 routes, and the event loop it holds.
 
 The recorders are filled through the public API with real traffic: three engines on PostgreSQL,
-checkouts made inside 50 route templates (``poolwatch._context.current_request``, as the middleware
+checkouts made inside 50 route templates (``poolwatch._record.context.current_request``, as the middleware
 sets it), statements of every kind, and per-request query counts. Then:
 
-1. the render itself, in-process, as the middleware does it (``poolwatch._exposition.render``):
+1. the render itself, in-process, as the middleware does it (``poolwatch._serve.exposition.render``):
    text and OpenMetrics, each plain and gzipped (Prometheus asks for gzip), with the collector's
    share (``registry.collect()``) reported separately from the encoder's;
 2. the same app served by uvicorn (uvloop) in this process, a ticker task on its event loop, and
@@ -47,8 +47,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import poolwatch
-from poolwatch._context import RequestContext, current_request
-from poolwatch._exposition import render
+from poolwatch._record.context import RequestContext, current_request
+from poolwatch._serve.exposition import render
 
 POOLS = ("primary", "replica", "analytics")
 TARGET_MS = 5.0

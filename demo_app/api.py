@@ -94,9 +94,7 @@ async def list_posts(
     await _user_or_404(session, user_id)
     where = Post.author_id == user_id
     total = await session.scalar(select(func.count()).select_from(Post).where(where))
-    rows = await session.scalars(
-        select(Post).where(where).order_by(Post.id).limit(limit).offset(offset)
-    )
+    rows = await session.scalars(select(Post).where(where).order_by(Post.id).limit(limit).offset(offset))
     return {"items": list(rows), "total": total or 0, "limit": limit, "offset": offset}
 
 

@@ -17,9 +17,7 @@ from .models import Base
 from .settings import DemoSettings
 
 
-def create_app(
-    settings: DemoSettings | None = None, registry: CollectorRegistry | None = None
-) -> FastAPI:
+def create_app(settings: DemoSettings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
     settings = settings or DemoSettings()
 
     @asynccontextmanager

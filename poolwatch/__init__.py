@@ -3,18 +3,20 @@
 app.add_middleware(PoolWatchMiddleware, engines=[engine])
 # or
 poolwatch.instrument(app, engine)
+
+The public names are loaded on first use, so that importing one submodule (``poolwatch.gunicorn``
+in gunicorn's master process) loads nothing else of poolwatch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.registry import CollectorRegistry
-
-from ._core import PoolWatch, watch
-from ._middleware import PoolWatchMiddleware
-from ._otel import otel_bridge
-from ._settings import PoolWatchSettings
+if TYPE_CHECKING:
+    from ._otel import otel_bridge
+    from ._settings import PoolWatchSettings
+    from ._wiring import PoolWatch, PoolWatchMiddleware, instrument, watch
 
 __all__ = [
     "PoolWatch",
@@ -26,21 +28,26 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+# Where each public name lives.
+_HOMES = {
+    "PoolWatch": "._wiring",
+    "PoolWatchMiddleware": "._wiring",
+    "PoolWatchSettings": "._settings",
+    "instrument": "._wiring",
+    "otel_bridge": "._otel",
+    "watch": "._wiring",
+}
 
-def instrument(
-    app: Any,
-    *engines: Any,
-    registry: CollectorRegistry | None = None,
-    name: str | None = None,
-    **settings: Any,
-) -> PoolWatch:
-    """Watch ``engines`` and add :class:`PoolWatchMiddleware` to a Starlette or FastAPI ``app``."""
-    add_middleware = getattr(app, "add_middleware", None)
-    if not callable(add_middleware):
-        raise TypeError(
-            "poolwatch: instrument() needs a Starlette or FastAPI app; for another ASGI app "
-            "wrap it yourself: PoolWatchMiddleware(app, watch=poolwatch.watch(engine))"
-        )
-    pool_watch = PoolWatch(engines, registry=registry, name=name, **settings)
-    add_middleware(PoolWatchMiddleware, watch=pool_watch)
-    return pool_watch
+if not TYPE_CHECKING:  # hidden from type checkers, which would take any misspelt name for Any
+
+    def __getattr__(name: str) -> Any:
+        home = _HOMES.get(name)
+        if home is None:
+            raise AttributeError(f"module 'poolwatch' has no attribute {name!r}")
+        value = getattr(importlib.import_module(home, __name__), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -22,23 +22,24 @@ semantic-convention names, read from the recorders when the SDK collects, never 
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._collector import read_pool_state
+from ._capture.sql import operation_of
 from ._log import internal_errors, logger
-from ._sql import operation_of
+from ._serve.collector import read_pool_state
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Histogram, MeterProvider, Observation
     from opentelemetry.trace import TracerProvider
     from sqlalchemy.engine import Engine
 
-    from ._core import PoolWatch
-    from ._recorder import PoolRecorder, RecorderSnapshot
+    from ._record.recorder import PoolRecorder, RecorderSnapshot
+    from ._serve.watched import Watched
 
 _STATEMENT_EVENTS = ("before_cursor_execute", "after_cursor_execute", "handle_error")
 # poolwatch's own operation label on each span, so a span and poolwatch_query_seconds{operation}
@@ -127,9 +128,7 @@ def _make_engine_tracer(engine: Engine, tracer_provider: TracerProvider | None) 
                     event.remove(target, identifier, func)
             self._listeners.clear()
 
-        def _set_db_client_span_attributes(
-            self, span: Any, statement: Any, db_name: Any, attrs: Any
-        ) -> None:
+        def _set_db_client_span_attributes(self, span: Any, statement: Any, db_name: Any, attrs: Any) -> None:
             super()._set_db_client_span_attributes(span, statement, db_name, attrs)
             if isinstance(statement, str):
                 span.set_attribute(OPERATION_ATTRIBUTE, operation_of(statement))
@@ -159,18 +158,17 @@ class OtelBridge:
     values spread inside each bucket so that the sum is exact too.
     """
 
-    def __init__(self, watch: PoolWatch, meter_provider: MeterProvider | None = None) -> None:
+    def __init__(self, watch: Watched, meter_provider: MeterProvider | None = None) -> None:
         from opentelemetry.metrics import get_meter
 
-        from . import __version__
-        from ._histogram import LATENCY_BUCKETS
+        from ._record.histogram import LATENCY_BUCKETS
 
         self._watch = watch
         self._lock = threading.Lock()
         self._snapshots: list[tuple[PoolRecorder, RecorderSnapshot]] = []
         self._seen: dict[tuple[str, str, str], list[float]] = {}
         self._seen_sums: dict[tuple[str, str, str], float] = {}
-        meter = get_meter("poolwatch", __version__, meter_provider)
+        meter = get_meter("poolwatch", _version(), meter_provider)
         # Callbacks run in creation order within one collection: the first one takes the snapshot
         # that the others (and the histogram replay) read.
         meter.create_observable_up_down_counter(
@@ -269,9 +267,7 @@ class OtelBridge:
             for recorder, snap in self._snapshots:
                 pool = _pool(recorder)
                 name = recorder.name
-                self._replay(
-                    self._create_time, ("create", name, ""), snap.connect_time.cumulative(), pool
-                )
+                self._replay(self._create_time, ("create", name, ""), snap.connect_time.cumulative(), pool)
                 self._replay(self._wait_time, ("wait", name, ""), snap.wait.cumulative(), pool)
                 for route, copy in snap.use.items():
                     self._replay(self._use_time, ("use", name, route), copy.cumulative(), pool)
@@ -305,9 +301,7 @@ class OtelBridge:
         self._seen_sums[key] = total
         bounds = [float(bound) for bound, _ in buckets[:-1]]
         cumulative_delta = [now - before for now, before in zip(counts, previous, strict=True)]
-        per_bucket = [
-            int(c - (cumulative_delta[i - 1] if i else 0)) for i, c in enumerate(cumulative_delta)
-        ]
+        per_bucket = [int(c - (cumulative_delta[i - 1] if i else 0)) for i, c in enumerate(cumulative_delta)]
         for value, count in spread(bounds, per_bucket, delta_sum):
             for _ in range(count):
                 instrument.record(value, attributes)
@@ -321,9 +315,7 @@ def spread(bounds: Sequence[float], counts: Sequence[int], total: float) -> list
     whatever the finite ones cannot. Rounding only ever moves the sum, never a count.
     """
     edges = [0.0, *bounds]
-    finite = [
-        (edges[i], bounds[i], count) for i, count in enumerate(counts[: len(bounds)]) if count > 0
-    ]
+    finite = [(edges[i], bounds[i], count) for i, count in enumerate(counts[: len(bounds)]) if count > 0]
     overflow = counts[len(bounds)] if len(counts) > len(bounds) else 0
     overflow_low = math.nextafter(bounds[-1], math.inf) if bounds else 0.0
     finite_total = total - overflow * overflow_low
@@ -343,11 +335,20 @@ def spread(bounds: Sequence[float], counts: Sequence[int], total: float) -> list
     return values
 
 
+def _version() -> str:
+    """poolwatch's version for the meter's scope, from the installed package's metadata (the
+    package root is above this module; importing it from here would point up the layers)."""
+    try:
+        return importlib.metadata.version("poolwatch")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return ""
+
+
 def _pool(recorder: PoolRecorder) -> dict[str, str]:
     return {"db.client.connection.pool.name": recorder.name}
 
 
-def otel_bridge(watch: PoolWatch, meter_provider: MeterProvider | None = None) -> OtelBridge:
+def otel_bridge(watch: Watched, meter_provider: MeterProvider | None = None) -> OtelBridge:
     """Publish ``watch``'s pools through an OpenTelemetry MeterProvider (the global one by default).
 
     Instruments: ``db.client.connection.count`` (state=used/idle), ``.max``, ``.pending_requests``,

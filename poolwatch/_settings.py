@@ -1,12 +1,31 @@
-"""Settings: one pydantic-settings class, read from ``POOLWATCH_*`` and overridable by keyword."""
+"""Settings: one pydantic-settings class, read from ``POOLWATCH_*`` and overridable by keyword.
+
+Bad input fails at start-up with a ``ValueError`` that names the setting and its variable, in the
+form ``poolwatch: invalid setting X (POOLWATCH_X): ...``. A ``POOLWATCH_*`` variable that names no
+setting cannot be refused the way an unknown keyword is (the environment is shared with everything
+else in the process), so it is reported once per process as a ``poolwatch.unknown_setting`` warning
+event, naming the closest setting.
+"""
 
 from __future__ import annotations
 
+import difflib
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._log import internal_errors, logger
+
+ENV_PREFIX = "POOLWATCH_"
+# Variables with poolwatch's prefix that are not settings and must not be reported as misspelt
+# ones. Keep this short: each entry is a name a typo can hide behind.
+NOT_SETTINGS = frozenset({"POOLWATCH_TEST_DATABASE_URL"})  # the test suite's database
 
 
 class PoolWatchSettings(BaseSettings):
@@ -23,9 +42,11 @@ class PoolWatchSettings(BaseSettings):
     leak_threshold_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
     leak_capture_stack: bool = False
     slow_query_seconds: float = Field(1.0, ge=0, allow_inf_nan=False)
-    metrics_path: str = "/metrics"
-    health_db_path: str = "/health/db"
-    health_live_path: str = "/health/live"
+    # None (or an empty POOLWATCH_METRICS_PATH) serves nothing there: for an application that
+    # exposes the registry itself.
+    metrics_path: str | None = "/metrics"
+    health_db_path: str | None = "/health/db"
+    health_live_path: str | None = "/health/live"
     health_deadline_seconds: float = Field(0.5, gt=0, le=60, allow_inf_nan=False)
     health_cache_seconds: float = Field(2.0, ge=0, le=3600, allow_inf_nan=False)
     health_details: Literal["never", "token", "always"] = "never"
@@ -38,22 +59,69 @@ class PoolWatchSettings(BaseSettings):
     # own PROMETHEUS_MULTIPROC_DIR is taken when poolwatch's is not set.
     multiproc_dir: Path | None = Field(
         None,
-        validation_alias=AliasChoices(
-            "multiproc_dir", "POOLWATCH_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC_DIR"
-        ),
+        validation_alias=AliasChoices("multiproc_dir", "POOLWATCH_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC_DIR"),
     )
     multiproc_interval_seconds: float = Field(1.0, ge=0.01, le=3600, allow_inf_nan=False)
 
+    @field_validator("metrics_path", "health_db_path", "health_live_path", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator(
+        "leak_threshold_seconds",
+        "slow_query_seconds",
+        "health_deadline_seconds",
+        "health_cache_seconds",
+        "metrics_port",
+        "multiproc_interval_seconds",
+        mode="before",
+    )
+    @classmethod
+    def _number_is_not_a_bool(cls, value: Any) -> Any:
+        # pydantic takes True for 1 in a number: metrics_port=True would serve on port 1.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a bool")
+        return value
+
     @field_validator("metrics_path", "health_db_path", "health_live_path")
     @classmethod
-    def _path_is_absolute(cls, value: str) -> str:
+    def _path_is_absolute(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith("/") or any(c.isspace() for c in value):
             raise ValueError("must be an absolute URL path such as '/metrics'")
         return value
 
 
-def build_settings(overrides: dict[str, Any]) -> PoolWatchSettings:
+class SettingsKeywords(TypedDict, total=False):
+    """The settings as keyword arguments (``watch(engine, leak_threshold_seconds=5)``), for type
+    checkers: a misspelt or mistyped setting is an error there too, not only at start-up.
+
+    ``tests/test_public_api.py`` keeps its keys equal to ``PoolWatchSettings``' fields.
+    """
+
+    leak_threshold_seconds: float
+    leak_capture_stack: bool
+    slow_query_seconds: float
+    metrics_path: str | None
+    health_db_path: str | None
+    health_live_path: str | None
+    health_deadline_seconds: float
+    health_cache_seconds: float
+    health_details: Literal["never", "token", "always"]
+    health_token: str | SecretStr | None
+    health_saturated_status: Literal[503, 200]
+    metrics_port: int | None
+    metrics_host: str
+    tracing: bool
+    multiproc_dir: str | os.PathLike[str] | None
+    multiproc_interval_seconds: float
+
+
+def build_settings(overrides: Mapping[str, Any]) -> PoolWatchSettings:
     """Build settings, turning pydantic's report into one message that names the setting."""
+    warn_about_unknown_variables(os.environ)
     try:
         settings = PoolWatchSettings(**overrides)
     except ValidationError as error:
@@ -63,7 +131,84 @@ def build_settings(overrides: dict[str, Any]) -> PoolWatchSettings:
             "poolwatch: invalid setting health_token (POOLWATCH_HEALTH_TOKEN): "
             "required when health_details is 'token'"
         )
+    if settings.multiproc_dir is not None:
+        _check_multiproc_dir(settings.multiproc_dir, overrides)
     return settings
+
+
+def _check_multiproc_dir(directory: Path, overrides: Mapping[str, Any]) -> None:
+    """The shared directory exists (or can be made) and takes files: say so now, by name, rather
+    than let a worker's first publication fail with a bare FileExistsError."""
+    problem = None
+    if directory.exists() and not directory.is_dir():
+        problem = "it exists and is not a directory"
+    else:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".poolwatch-check-", suffix=".tmp", dir=directory)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            problem = f"cannot create it or write a file in it: {error.strerror or type(error).__name__}"
+    if problem is None:
+        return
+    source = ""
+    if "multiproc_dir" not in overrides and not _in_environment("POOLWATCH_MULTIPROC_DIR"):
+        source = ", taken from PROMETHEUS_MULTIPROC_DIR"
+    raise ValueError(
+        f"poolwatch: invalid setting multiproc_dir (POOLWATCH_MULTIPROC_DIR): {problem} "
+        f"(got {str(directory)!r}{source})"
+    )
+
+
+def _in_environment(name: str) -> bool:
+    # pydantic-settings reads the environment case-insensitively.
+    return any(key.upper() == name for key in os.environ)
+
+
+# -- POOLWATCH_* variables that name no setting ----------------------------------------------------
+
+_reported_variables: set[str] = set()
+_reported_lock = threading.Lock()
+
+
+def setting_variables() -> dict[str, str]:
+    """Every variable a setting is read from, to the setting's name."""
+    variables = {}
+    for name, field in PoolWatchSettings.model_fields.items():
+        variables[ENV_PREFIX + name.upper()] = name
+        if isinstance(field.validation_alias, AliasChoices):
+            for alias in field.validation_alias.choices:
+                if isinstance(alias, str) and alias.upper().startswith(ENV_PREFIX):
+                    variables[alias.upper()] = name
+    return variables
+
+
+def warn_about_unknown_variables(environment: Any) -> None:
+    """One ``poolwatch.unknown_setting`` warning per process for each ``POOLWATCH_*`` variable that
+    names no setting (a misspelt one would otherwise be ignored without a word)."""
+    known = setting_variables()
+    for key in list(environment):
+        variable = str(key).upper()
+        if not variable.startswith(ENV_PREFIX) or variable in known or variable in NOT_SETTINGS:
+            continue
+        with _reported_lock:
+            if variable in _reported_variables:
+                continue
+            _reported_variables.add(variable)
+        fields: dict[str, Any] = {"variable": str(key)}
+        closest = closest_setting(variable[len(ENV_PREFIX) :].lower())
+        if closest is not None:
+            fields["closest"] = f"{closest} ({ENV_PREFIX}{closest.upper()})"
+        try:
+            logger.warning("poolwatch.unknown_setting", **fields)
+        except Exception as error:  # a log call must never stop start-up
+            internal_errors.record("unknown_setting", error)
+
+
+def closest_setting(name: str) -> str | None:
+    matches = difflib.get_close_matches(name, list(PoolWatchSettings.model_fields), n=1, cutoff=0.6)
+    return matches[0] if matches else None
 
 
 def _describe(error: ValidationError) -> str:
@@ -71,11 +216,11 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         name = ".".join(str(part) for part in item["loc"]) or "settings"
         if item["type"] == "extra_forbidden":
-            problems.append(f"unknown setting {name!r}")
+            closest = closest_setting(name)
+            hint = f" (did you mean {closest!r}?)" if closest is not None else ""
+            problems.append(f"unknown setting {name!r}{hint}")
         else:
             # A secret that failed validation must not be echoed back.
             shown = "" if "token" in name else f" (got {item.get('input')!r})"
-            problems.append(
-                f"invalid setting {name} (POOLWATCH_{name.upper()}): {item['msg']}{shown}"
-            )
+            problems.append(f"invalid setting {name} (POOLWATCH_{name.upper()}): {item['msg']}{shown}")
     return "poolwatch: " + "; ".join(problems)

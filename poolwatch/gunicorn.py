@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._multiprocess import clear_directory, mark_process_dead, multiprocess_directory
+from ._serve.multiprocess import clear_directory, mark_process_dead, multiprocess_directory
 
 worker_class = "uvicorn.workers.UvicornWorker"
 
@@ -25,9 +25,7 @@ worker_class = "uvicorn.workers.UvicornWorker"
 def on_starting(server: Any) -> None:
     directory = multiprocess_directory()
     if directory is None:
-        server.log.warning(
-            "poolwatch: POOLWATCH_MULTIPROC_DIR is not set; each worker reports only itself"
-        )
+        server.log.warning("poolwatch: POOLWATCH_MULTIPROC_DIR is not set; each worker reports only itself")
         return
     clear_directory(directory)
 

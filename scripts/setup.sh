@@ -1,26 +1,56 @@
 #!/usr/bin/env bash
-# Make a fresh machine ready: system packages the tests use, and a virtualenv with poolwatch in it.
-# Safe to run again: every step checks before it installs.
+# Make this checkout ready: a virtualenv (.venv) with poolwatch installed in editable mode.
+#
+#   bash scripts/setup.sh demo   # the demo's extra only; installs no system package
+#   bash scripts/setup.sh test   # the dev extra (the whole tool chain), plus the Debian package the
+#                                # tests use, and says so before installing it
+#
+# Safe to run again, and cheap: pip runs only when pyproject.toml changed since the last install of
+# that extra (a stamp in .venv keyed on the file's hash). It never stops a service or a process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)        # promtool + prometheus, for the operator kit tests
-command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)                    # load generator for benchmarks/e2e.py
-if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  else
-    echo "setup: please install ${need_apt[*]} (Debian packages); continuing without them" >&2
+purpose="${1:-test}"
+case "$purpose" in
+  demo) extra=demo ;;
+  test) extra=dev ;;
+  *) echo "usage: bash scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
+
+# -- system packages: for the tests only ---------------------------------------------------------
+if [ "$purpose" = test ]; then
+  # Debian's `prometheus` package brings `promtool` (rule and config checks, rule unit tests) and the
+  # `prometheus` server that tests/test_operator_e2e.py starts on a free port of its own. Debian may
+  # start its own prometheus service on :9090 when installing it; the tests leave that one alone.
+  if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing the Debian package the tests need: prometheus (for promtool and prometheus)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    else
+      echo "setup: the tests need Debian's prometheus package (promtool, prometheus) and it is missing;" \
+        "install it with: apt-get install --no-install-recommends prometheus" >&2
+    fi
   fi
 fi
-# Debian's prometheus package may start a server of its own; the tests run their own instances.
-if command -v service >/dev/null 2>&1; then service prometheus stop >/dev/null 2>&1 || true; fi
-pkill -x prometheus-node-exporter >/dev/null 2>&1 || true
 
+# -- the virtualenv ------------------------------------------------------------------------------
 if [ ! -x .venv/bin/python ]; then
+  if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup: poolwatch needs Python 3.11 or newer as python3" >&2
+    exit 1
+  fi
+  echo "setup: creating .venv"
   python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+
+# The dev extra includes the demo's, so a dev install also serves the demo.
+hash="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+installed() { [ "$(cat ".venv/.poolwatch-setup-$1" 2>/dev/null)" = "$hash" ]; }
+if installed "$extra" || { [ "$extra" = demo ] && installed dev; }; then
+  exit 0
+fi
+echo "setup: installing poolwatch with its '$extra' extra into .venv (pip, from the package index)"
+.venv/bin/python -m pip install -q -e ".[$extra]"
+echo "$hash" >".venv/.poolwatch-setup-$extra"

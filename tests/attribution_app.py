@@ -1,6 +1,5 @@
 """A FastAPI app with every shape of endpoint a checkout can come from, for the attribution tests."""
 
-
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
@@ -82,6 +81,7 @@ def build_app(
 
     @app.get("/fail")
     async def fail(db: AsyncDB) -> dict[str, str]:
+        await db.execute(sa.text("SELECT 1"))
         await db.execute(sa.text("SELECT * FROM no_such_table_poolwatch"))
         return {"never": "reached"}
 

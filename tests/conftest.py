@@ -115,7 +115,7 @@ def registry() -> Iterator[CollectorRegistry]:
     registry = CollectorRegistry()
     yield registry
     # Connections dropped by the test are returned by the garbage collector, not by luck.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while True:
         used = {
             labels["pool"]: value

@@ -8,35 +8,36 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 Sample = tuple[str, dict[str, str]]
+Key = tuple[str, frozenset[tuple[str, str]]]
 
 
-def scrape(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(registry: CollectorRegistry) -> Samples:
     """Every sample of the text exposition, keyed by (name, labels)."""
     text = generate_latest(registry).decode()
     return parse_text(text)
 
 
-def parse_text(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+def parse_text(text: str) -> Samples:
+    samples: dict[Key, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return _Samples(samples)
+    return Samples(samples)
 
 
-def scrape_openmetrics(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape_openmetrics(registry: CollectorRegistry) -> Samples:
     text = generate_openmetrics(registry).decode()
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    samples: dict[Key, float] = {}
     for family in parse_openmetrics(text):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return _Samples(samples)
+    return Samples(samples)
 
 
-class _Samples(dict):  # type: ignore[type-arg]
+class Samples(dict[Key, float]):
     """A dict of samples that also answers ``value(name, **labels)`` and iterates with dict labels."""
 
-    def items(self):  # type: ignore[no-untyped-def, override]
+    def items(self) -> list[tuple[Sample, float]]:  # type: ignore[override]
         return [((name, dict(labels)), value) for (name, labels), value in super().items()]
 
     def value(self, name: str, **labels: str) -> float:
@@ -56,4 +57,4 @@ class _Samples(dict):  # type: ignore[type-arg]
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return scrape(registry).value(name, **labels)  # type: ignore[attr-defined, no-any-return]
+    return scrape(registry).value(name, **labels)

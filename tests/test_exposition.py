@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.pool import NullPool
 
 import poolwatch
-from poolwatch._context import RequestContext, current_request
-from poolwatch._exposition import render
+from poolwatch._record.context import RequestContext, current_request
+from poolwatch._serve.exposition import render
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -37,7 +37,7 @@ def busy_registry(sync_url: str, registry: CollectorRegistry):  # type: ignore[n
     unbounded = sa.create_engine(sync_url, poolclass=NullPool)
     watch = poolwatch.watch({'we"ird\\pool\nname': bounded, "null": unbounded}, registry=registry)
     Counter("app_orders", "An application metric beside poolwatch's.", registry=registry).inc(3)
-    for route in ("/users/{user_id}", "/orders/{order_id}", "/a\"quoted\\route"):
+    for route in ("/users/{user_id}", "/orders/{order_id}", '/a"quoted\\route'):
         token = current_request.set(RequestContext({"type": "http", "route": None}))
         current_request.get().resolved_route = route  # type: ignore[union-attr]
         try:
@@ -86,7 +86,7 @@ def test_a_failing_direct_write_falls_back_to_the_general_encoder(  # type: igno
     busy_registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry, watch = busy_registry
-    import poolwatch._exposition as exposition
+    import poolwatch._serve.exposition as exposition
 
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("injected")

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolwatch
 from poolwatch import PoolWatchMiddleware
+from tests.fault_fixtures import SERVINGS, Serving, client_of, wait_until_async
 from tests.metrics import parse_text, scrape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,18 +37,17 @@ def small_app(engine: sa.Engine | object) -> FastAPI:
     return app
 
 
-async def get(app: FastAPI, path: str, **headers: str) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        return await client.get(path, headers=headers)
-
-
-async def test_add_middleware_form_serves_metrics(async_url: str, registry: CollectorRegistry) -> None:
+@pytest.mark.parametrize("serving", SERVINGS)
+async def test_add_middleware_form_serves_metrics(
+    async_url: str, registry: CollectorRegistry, serving: Serving
+) -> None:
     engine = create_async_engine(async_url, pool_size=2)
     app = small_app(engine)
     app.add_middleware(PoolWatchMiddleware, engines=[engine], registry=registry, name="mw")
-    assert (await get(app, "/ping")).json() == {"one": 1}
-    response = await get(app, "/metrics")
+    async with client_of(app, serving) as client:
+        assert (await client.get("/ping")).json() == {"one": 1}
+        await returned(registry, "mw")
+        response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     samples = parse_text(response.text)
@@ -56,46 +56,71 @@ async def test_add_middleware_form_serves_metrics(async_url: str, registry: Coll
     await engine.dispose()
 
 
-async def test_metrics_in_openmetrics_and_gzip(async_url: str, registry: CollectorRegistry) -> None:
+@pytest.mark.parametrize("serving", SERVINGS)
+async def test_metrics_in_openmetrics_and_gzip(
+    async_url: str, registry: CollectorRegistry, serving: Serving
+) -> None:
     engine = create_async_engine(async_url, pool_size=2)
     app = small_app(engine)
     poolwatch.instrument(app, engine, registry=registry, name="om")
-    await get(app, "/ping")
-    response = await get(app, "/metrics", accept="application/openmetrics-text; version=1.0.0")
-    assert response.headers["content-type"].startswith("application/openmetrics-text")
-    families = {family.name: family for family in parse_om(response.text)}
-    assert "poolwatch_checkouts" in families and "poolwatch_wait_seconds" in families
-    assert all(s.value >= 0 for family in families.values() for s in family.samples)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        raw = await client.get("/metrics", headers={"accept-encoding": "gzip"})
-        assert raw.headers["content-encoding"] == "gzip"
-        # httpx already decoded it; the body on the wire was gzip.
-        assert gzip.decompress(gzip.compress(raw.content)).startswith(b"# HELP")
+    async with client_of(app, serving) as client:
+        await client.get("/ping")
+        await returned(registry, "om")
+        response = await client.get(
+            "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        assert response.headers["content-type"].startswith("application/openmetrics-text")
+        families = {family.name: family for family in parse_om(response.text)}
+        plain = parse_text((await client.get("/metrics", headers={"accept-encoding": "identity"})).text)
+        # The bytes as they came over the wire, undecoded: they must be gzip, of the same exposition.
+        async with client.stream("GET", "/metrics", headers={"accept-encoding": "gzip"}) as raw:
+            assert raw.headers["content-encoding"] == "gzip"
+            wire = b"".join([chunk async for chunk in raw.aiter_raw()])
         assert (await client.post("/metrics")).status_code == 405
-        assert (await client.head("/metrics")).status_code == 200
+        head = await client.head("/metrics")
+        assert (head.status_code, head.content) == (200, b"")
+    assert families["poolwatch_checkouts"].samples[0].value == 1
+    assert families["poolwatch_wait_seconds"].type == "histogram"
+    assert plain.value("poolwatch_checkouts_total", pool="om") == 1
+    unzipped = parse_text(gzip.decompress(wire).decode())
+    # The same samples as the plain text (scrape-time gauges aside, none of which moved).
+    assert unzipped == plain
     await engine.dispose()
 
 
+@pytest.mark.parametrize("serving", SERVINGS)
 async def test_a_failure_inside_poolwatch_never_reaches_the_app(
-    async_url: str, registry: CollectorRegistry
+    async_url: str, registry: CollectorRegistry, serving: Serving
 ) -> None:
     engine = create_async_engine(async_url, pool_size=2)
     app = small_app(engine)
     watch = poolwatch.instrument(app, engine, registry=registry, name="faulty")
     [recorder] = watch.recorders
-    before = scrape(registry).value("poolwatch_internal_errors_total")
+    async with client_of(app, serving) as client:
+        assert (await client.get("/ping")).json() == {"one": 1}  # the dialect's first connect, first
+        await returned(registry, "faulty")
+        before = scrape(registry).value("poolwatch_internal_errors_total")
 
-    # Break the recorder's own table of statement histograms: every statement's bookkeeping now
-    # fails inside poolwatch; the hook must swallow it, count it and carry on.
-    recorder.query.clear()
-    for _ in range(3):
-        response = await get(app, "/ping")
-        assert response.status_code == 200 and response.json() == {"one": 1}
-    after = scrape(registry).value("poolwatch_internal_errors_total")
-    assert after >= before + 3
-    assert scrape(registry).value("poolwatch_connections", pool="faulty", state="used") == 0
+        # Break the recorder's own table of statement histograms: every statement's bookkeeping now
+        # fails inside poolwatch; the hook must swallow it, count it and carry on.
+        recorder.query.clear()
+        for _ in range(3):
+            response = await client.get("/ping")
+            assert (response.status_code, response.json()) == (200, {"one": 1})
+        await returned(registry, "faulty")
+    # One swallowed failure per statement: three requests, one SELECT each.
+    assert scrape(registry).value("poolwatch_internal_errors_total") == before + 3
     await engine.dispose()
+
+
+async def returned(registry: CollectorRegistry, pool: str) -> None:
+    """Wait until ``pool`` has no connection out: under a server the response reaches the client
+    before the app has returned its connection."""
+    await wait_until_async(
+        lambda: scrape(registry).value("poolwatch_connections", pool=pool, state="used") == 0,
+        10,
+        f"{pool} never got its connection back",
+    )
 
 
 @pytest.mark.parametrize(
@@ -119,9 +144,7 @@ def test_bad_settings_fail_at_once_naming_the_setting(
     engine.dispose()
 
 
-def test_bad_environment_fails_naming_the_variable(
-    sync_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bad_environment_fails_naming_the_variable(sync_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POOLWATCH_LEAK_THRESHOLD_SECONDS", "-3")
     engine = sa.create_engine(sync_url)
     with pytest.raises(ValueError, match="POOLWATCH_LEAK_THRESHOLD_SECONDS"):

@@ -6,6 +6,7 @@ temporary directory, and is torn down (SIGTERM, then SIGKILL) whatever happens.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import os
@@ -13,14 +14,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+import poolwatch
+from poolwatch._serve.multiprocess import MultiProcessCollector, Publisher
 from tests.metrics import parse_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +173,19 @@ def _value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
     return samples.value(name, **labels)  # type: ignore[attr-defined, no-any-return]
 
 
+def _wait_for_scrape(server: Server, condition: Callable[[Any], bool], seconds: float = 30) -> Any:
+    """The first scrape that meets ``condition``; workers publish on their own clock."""
+    deadline = time.monotonic() + seconds
+    while True:
+        samples = server.scrape()
+        if condition(samples):
+            return samples
+        assert time.monotonic() < deadline, (
+            f"no scrape met the condition within {seconds} s:\n{server.output()}"
+        )
+        time.sleep(PUBLISH_INTERVAL / 2)
+
+
 def test_one_scrape_reports_every_worker(server: Server) -> None:
     def one_request(_: int) -> int:
         return server.pid_of("/work")
@@ -175,7 +197,10 @@ def test_one_scrape_reports_every_worker(server: Server) -> None:
     assert sum(served.values()) == REQUESTS
     assert len(served) == 2, f"requests were not spread over both workers: {served}"
 
-    time.sleep(PUBLISH_INTERVAL * 4)  # every idle worker has published its last counts
+    # Every worker publishes its last counts within an interval or so; a slow machine takes longer.
+    _wait_for_scrape(
+        server, lambda samples: _value(samples, "poolwatch_checkouts_total", pool="app") == REQUESTS
+    )
     for _ in range(6):  # whichever worker answers, the answer is the service's
         samples = server.scrape()
         assert _value(samples, "poolwatch_checkouts_total", pool="app") == REQUESTS
@@ -190,9 +215,9 @@ def test_one_scrape_reports_every_worker(server: Server) -> None:
 
     # One worker holds a connection; then it is killed and replaced.
     holder = server.pid_of("/hold")
-    time.sleep(PUBLISH_INTERVAL * 4)
-    samples = server.scrape()
-    assert _value(samples, "poolwatch_connections", pool="app", state="used") == 1
+    samples = _wait_for_scrape(
+        server, lambda samples: _value(samples, "poolwatch_connections", pool="app", state="used") == 1
+    )
     assert _value(samples, "poolwatch_checkouts_total", pool="app") == REQUESTS + 1
 
     os.kill(holder, signal.SIGKILL)
@@ -218,3 +243,132 @@ def test_one_scrape_reports_every_worker(server: Server) -> None:
         assert _value(samples, "poolwatch_checkouts_total", pool="app") == REQUESTS + 1
         assert _value(samples, "poolwatch_connections", pool="app", state="used") == 0
         assert _value(samples, "poolwatch_connections_max", pool="app") == 2 * POOL_SIZE
+
+
+# -- the publisher, in process ----------------------------------------------------------------------
+
+
+def _published_value(path: Path, sample: str, pool: str) -> float | None:
+    try:
+        document = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    found = [
+        float(value)
+        for family in document["families"]
+        for name, labels, value, _ in family["samples"]
+        if name == sample and labels.get("pool") == pool
+    ]
+    # None too before the pool is in the file: the publisher may write its first (empty) document
+    # before watch() has added the engine.
+    return sum(found) if found else None
+
+
+def _published_checkouts(path: Path, pool: str) -> float | None:
+    return _published_value(path, "poolwatch_checkouts_total", pool)
+
+
+def test_the_published_file_never_goes_backwards(
+    sync_url: str, tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """The publisher thread and scrapes both publish; a collection taken before a scrape's must
+    never be written over it (the file went back by up to an interval of checkouts)."""
+    engine = sa.create_engine(sync_url, pool_size=2, max_overflow=0)
+    watch = poolwatch.watch(
+        engine, registry=registry, name="race", leak_threshold_seconds=0, multiproc_dir=tmp_path,
+        multiproc_interval_seconds=0.01,
+    )  # fmt: skip
+    stop = threading.Event()
+    done = Counter[str]()
+
+    def check_out_and_in(slot: str) -> None:
+        while not stop.is_set():
+            engine.pool.connect().close()
+            done[slot] += 1
+
+    def scrape() -> None:
+        while not stop.is_set():
+            generate_latest(registry)
+
+    threads = [threading.Thread(target=check_out_and_in, args=(str(n),)) for n in range(2)]
+    threads += [threading.Thread(target=scrape) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    changes, backwards, previous = 0, [], 0.0
+    try:
+        (path,) = watch_files(tmp_path)
+        limit = time.monotonic() + 120  # a failsafe only; the loop ends on the count of changes
+        while changes < 400 and time.monotonic() < limit:
+            value = _published_checkouts(path, "race")
+            if value is None or value == previous:
+                continue
+            changes += 1
+            if value < previous:
+                backwards.append((previous, value))
+            previous = value
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    try:
+        assert changes >= 400, f"only {changes} publications seen"
+        assert backwards == [], f"{len(backwards)} of {changes} reads went back: {backwards[:10]}"
+        generate_latest(registry)  # a last scrape publishes the final count
+        assert _published_checkouts(path, "race") == sum(done.values())
+    finally:
+        watch.close()
+        engine.dispose()
+
+
+def watch_files(directory: Path) -> list[Path]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        files = list(directory.glob("poolwatch-*.json"))
+        if files:
+            return files
+        time.sleep(0.01)
+    raise AssertionError(f"nothing published in {directory}")
+
+
+def test_a_connection_checked_in_by_the_garbage_collector_inside_a_publication_does_not_hang(
+    sync_url: str, tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """The publisher holds its lock while it collects, and collecting allocates: a garbage
+    collection there can check a leaked connection in on the same thread. Nothing on that path may
+    wait for the publisher's lock."""
+    engine = sa.create_engine(sync_url, pool_size=1, max_overflow=0)
+    watch = poolwatch.watch(engine, registry=registry, name="gc", leak_threshold_seconds=0)
+    local = watch.direct_collector
+    assert local is not None
+    reentered = threading.Event()
+
+    class LeakThenCollect(Collector):
+        """Collects the real families after a leaked connection has been reclaimed, in here."""
+
+        def collect(self) -> Iterator[Metric]:
+            leaked: list[Any] = [engine.connect()]
+            leaked.append(leaked)  # only the garbage collector can free it
+            del leaked
+            assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+            gc.collect()
+            if engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
+                reentered.set()
+            yield from local.collect()
+
+    publisher = Publisher(LeakThenCollect(), tmp_path, "gc", 3600)
+    try:
+        scraped: list[list[Metric]] = []
+        scrape = threading.Thread(
+            target=lambda: scraped.append(list(MultiProcessCollector(publisher).collect()))
+        )
+        scrape.start()
+        scrape.join(30)  # a self-deadlock never ends; this takes milliseconds
+        assert not scrape.is_alive(), "a scrape hung on the publisher's own lock"
+        assert reentered.is_set(), "the leaked connection was not checked in inside the collection"
+        assert scraped and any(family.name == "poolwatch_checkouts" for family in scraped[0])
+        reclaimed = _published_value(publisher.path, "poolwatch_gc_reclaimed_total", "gc")
+        assert reclaimed is not None and reclaimed >= 1
+    finally:
+        publisher.close()
+        watch.close()
+        engine.dispose()

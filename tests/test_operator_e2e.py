@@ -181,10 +181,19 @@ def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             )
             assert load.returncode == 0, f"load generator failed:\n{load.stdout}\n{load.stderr}"
             (work / "load.log").write_text(load.stdout + load.stderr)
-            # Background leaks outlive their requests; let them return and be scraped.
-            time.sleep(LEAK_THRESHOLD_SECONDS + 3)
+            stack = Stack(prometheus=prom, instance=instance, logs=work)
+            # Background leaks outlive their requests: wait until Prometheus has scraped one,
+            # however slowly a loaded machine gets there.
+            leaks = f'sum(poolwatch_leaks_total{{job="{JOB}", pool="{POOL}", route=~".*leak"}}) > 0'
+            deadline = time.monotonic() + 60
+            while not stack.query(leaks).get("data", {}).get("result"):
+                assert app.poll() is None, f"the demo app died:\n{(work / 'demo.log').read_text()}"
+                assert time.monotonic() < deadline, (
+                    f"no leak scraped within 60 s:\n{stack.log_tail('demo.log')}"
+                )
+                time.sleep(0.5)
             assert app.poll() is None, f"the demo app died:\n{(work / 'demo.log').read_text()}"
-            yield Stack(prometheus=prom, instance=instance, logs=work)
+            yield stack
 
 
 VARIABLES = {

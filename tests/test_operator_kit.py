@@ -1,7 +1,8 @@
 """The operator kit, statically: dashboards, alert rules (promtool), Prometheus config, compose.
 
-Every metric name used by a dashboard or a rule must be in DESIGN.md's metric catalogue: the
-catalogue is the contract, and a dashboard querying a name nobody exports shows "No data" forever.
+README.md's metric reference is the catalogue: it must list exactly what the package exports (its
+``SPECS``), and every metric name used by a dashboard or a rule must be in it, because a dashboard
+querying a name nobody exports shows "No data" forever. Nothing here reads outside the repository.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,10 @@ DASHBOARDS = ROOT / "dashboards"
 ALERTS = DASHBOARDS / "alerts"
 RULES = ALERTS / "poolwatch.rules.yml"
 RULE_TESTS = ALERTS / "poolwatch.rules.test.yml"
-DESIGN = ROOT.parent / "shared" / "DESIGN.md"
+README = ROOT / "README.md"
+REFERENCE_HEADING = "## Metric reference"
 COMPOSE = ROOT / "docker-compose.yml"
 DATASOURCE_REF = "${datasource}"
-
-# Shipped by the library and documented as an addition next to the catalogue.
-DOCUMENTED_ADDITIONS = {"poolwatch_checkouts_after_response_total": "counter"}
 
 EXPECTED_ALERTS = {
     "PoolWatchPoolSaturated",
@@ -124,18 +124,32 @@ def load_rules() -> list[dict[str, Any]]:
     return [rule for group in document["groups"] for rule in group["rules"]]
 
 
-def catalogue() -> dict[str, str]:
-    """DESIGN.md's metric catalogue: metric name -> type, parsed from its Markdown table."""
-    if not DESIGN.is_file():
-        pytest.fail(f"DESIGN.md not found at {DESIGN}: the metric catalogue is the contract")
-    text = DESIGN.read_text()
-    section = text.split("## Metric catalogue", 1)[1].split("\n## ", 1)[0]
-    metrics = {}
+@dataclass(frozen=True)
+class CatalogueRow:
+    kind: str  # gauge, counter or histogram
+    labels: tuple[str, ...]
+
+
+def catalogue_rows() -> dict[str, CatalogueRow]:
+    """README's metric reference: metric name -> type and label names, parsed from its table."""
+    text = README.read_text()
+    assert REFERENCE_HEADING in text, f"README.md has no {REFERENCE_HEADING!r} section"
+    section = text.split(REFERENCE_HEADING, 1)[1].split("\n## ", 1)[0]
+    rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) >= 2 and re.fullmatch(r"`poolwatch_[a-z0-9_]+`", cells[0]):
-            metrics[cells[0].strip("`")] = cells[1].split()[0]
-    return metrics
+        if len(cells) >= 3 and re.fullmatch(r"`poolwatch_[a-z0-9_]+`", cells[0]):
+            # Labels read like "pool, state=`used`/`idle`" or "—" for none.
+            labels = tuple(
+                label.split("=", 1)[0].strip() for label in cells[2].split(",") if label.strip() != "—"
+            )
+            rows[cells[0].strip("`")] = CatalogueRow(kind=cells[1].split()[0], labels=labels)
+    return rows
+
+
+def catalogue() -> dict[str, str]:
+    """README's metric reference: metric name -> type."""
+    return {name: row.kind for name, row in catalogue_rows().items()}
 
 
 def exported_names(metrics: dict[str, str]) -> set[str]:
@@ -167,15 +181,34 @@ def require_tool(name: str) -> str:
 
 
 def test_catalogue_parses_the_whole_table() -> None:
-    metrics = catalogue()
-    assert len(metrics) >= 20, f"parsed too few catalogue rows from {DESIGN}: {sorted(metrics)}"
-    assert metrics["poolwatch_connections"] == "gauge"
-    assert metrics["poolwatch_wait_seconds"] == "histogram"
-    assert metrics["poolwatch_timeouts_total"] == "counter"
+    metrics = catalogue_rows()
+    assert len(metrics) >= 20, f"parsed too few rows from README's metric reference: {sorted(metrics)}"
+    assert metrics["poolwatch_connections"] == CatalogueRow("gauge", ("pool", "state"))
+    assert metrics["poolwatch_wait_seconds"].kind == "histogram"
+    assert metrics["poolwatch_timeouts_total"].kind == "counter"
+    assert metrics["poolwatch_internal_errors_total"].labels == ()
+
+
+def test_readme_metric_reference_lists_exactly_what_the_package_exports() -> None:
+    """Documented is exported and exported is documented, with the same type and labels."""
+    from poolwatch._serve.collector import SPECS
+
+    documented = catalogue_rows()
+    exported = {name: CatalogueRow(spec.kind, spec.labels) for name, spec in SPECS.items()}
+    undocumented = sorted(set(exported) - set(documented))
+    assert not undocumented, f"exported but missing from README's metric reference: {undocumented}"
+    unexported = sorted(set(documented) - set(exported))
+    assert not unexported, f"in README's metric reference but not exported: {unexported}"
+    differ = {
+        name: {"README": documented[name], "SPECS": exported[name]}
+        for name in exported
+        if documented[name] != exported[name]
+    }
+    assert not differ, f"README's metric reference disagrees with SPECS: {differ}"
 
 
 def test_every_metric_used_by_dashboards_and_rules_is_in_the_catalogue() -> None:
-    allowed = exported_names({**catalogue(), **DOCUMENTED_ADDITIONS})
+    allowed = exported_names(catalogue())
     used: dict[str, set[str]] = {}
     for uid, title, expr in panel_queries():
         for name in metric_names(expr):
@@ -188,7 +221,7 @@ def test_every_metric_used_by_dashboards_and_rules_is_in_the_catalogue() -> None
             used.setdefault(name, set()).add(f"alert {rule['alert']}")
     assert used, "no poolwatch metric found in dashboards or rules"
     unknown = {name: sorted(where) for name, where in used.items() if name not in allowed}
-    assert not unknown, f"metric names not in DESIGN.md's catalogue: {unknown}"
+    assert not unknown, f"metric names not in README's metric reference: {unknown}"
 
 
 # ---------------------------------------------------------------- dashboards
@@ -457,7 +490,8 @@ def test_misbehaving_endpoints_are_bounded_and_explain_sqlite(tmp_path: Path) ->
     from demo_app.main import create_app
     from demo_app.settings import DemoSettings
 
-    settings = DemoSettings(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}", DEMO_MISBEHAVE=True)
+    # By their environment names (aliases), which mypy does not see.
+    settings = DemoSettings(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}", DEMO_MISBEHAVE=True)  # type: ignore[call-arg]
     with TestClient(create_app(settings, CollectorRegistry())) as client:
         for i in range(3):
             client.post("/users", json={"email": f"u{i}@example.com", "name": "u"})

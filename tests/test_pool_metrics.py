@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
+from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGExecutionContext_psycopg
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 from structlog.testing import capture_logs
 
 import poolwatch
+from poolwatch._capture.pool_hooks import recorder_of
+from poolwatch._log import internal_errors
+from tests.fault_fixtures import wait_until, wait_until_async
 from tests.metrics import scrape, scrape_openmetrics
 
 
@@ -50,7 +56,7 @@ class NegativeWatcher:
 
 
 def test_saturated_pool_overflow_pending_and_timeout(sync_url: str, registry: CollectorRegistry) -> None:
-    engine = sa.create_engine(sync_url, pool_size=2, max_overflow=1, pool_timeout=0.3)
+    engine = sa.create_engine(sync_url, pool_size=2, max_overflow=1, pool_timeout=30)
     poolwatch.watch(engine, registry=registry, name="main")
     with NegativeWatcher(registry) as watcher:
         held = [engine.connect() for _ in range(3)]
@@ -59,48 +65,52 @@ def test_saturated_pool_overflow_pending_and_timeout(sync_url: str, registry: Co
         assert samples.value("poolwatch_connections_overflow", pool="main") == 1
         assert samples.value("poolwatch_connections_max", pool="main") == 3
         assert samples.value("poolwatch_pending_requests", pool="main") == 0
-        timeouts_before = samples.value("poolwatch_timeouts_total", pool="main")
 
-        outcome: list[BaseException] = []
-        pending_seen: list[float] = []
+        # A fourth caller waits (pool_timeout is 30 s): pending reads 1 for as long as it does.
+        served = threading.Event()
 
         def fourth_checkout() -> None:
-            try:
-                engine.connect()
-            except BaseException as error:  # the timeout we are waiting for
-                outcome.append(error)
+            with engine.connect():
+                served.set()
 
         waiter = threading.Thread(target=fourth_checkout)
-        events = capture_logs()
-        captured = events.__enter__()
         waiter.start()
-        deadline = time.monotonic() + 0.25
-        while time.monotonic() < deadline and not pending_seen:
-            value = scrape(registry).value("poolwatch_pending_requests", pool="main")
-            if value == 1:
-                pending_seen.append(value)
-            time.sleep(0.01)
-        waiter.join()
-        events.__exit__(None, None, None)
+        wait_until(
+            lambda: scrape(registry).value("poolwatch_pending_requests", pool="main") == 1,
+            10,
+            "pending_requests never read 1 while the fourth caller waited",
+        )
+        # Scrapes keep coming while the pool is saturated: none of them may see a negative value.
+        scrapes = watcher.scrapes
+        wait_until(lambda: watcher.scrapes >= scrapes + 5, 10, "the watcher stopped scraping")
+        assert not served.is_set()
+        held.pop().close()  # its connection goes to the waiter
+        waiter.join(10)
+        assert served.is_set()
+        assert scrape(registry).value("poolwatch_pending_requests", pool="main") == 0
 
-        [timeout_event] = [e for e in captured if e["event"] == "poolwatch.pool_timeout"]
+        # Full again, and a caller that gives up: counted once, and logged while still waiting.
+        held.append(engine.connect())
+        engine.pool._timeout = 0.3  # type: ignore[attr-defined]
+        with capture_logs() as events, pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+        [timeout_event] = [e for e in events if e["event"] == "poolwatch.pool_timeout"]
         assert timeout_event["pool"] == "main" and timeout_event["seconds_waited"] >= 0.3
         assert timeout_event["pool_size"] == 2 and timeout_event["overflow"] == 1
         assert timeout_event["max_overflow"] == 1 and timeout_event["checked_out"] == 3
         assert timeout_event["callers_waiting"] == 1
-        assert pending_seen == [1], "pending_requests never read 1 while the fourth caller waited"
-        assert len(outcome) == 1 and isinstance(outcome[0], sa.exc.TimeoutError)
         after = scrape(registry)
-        assert after.value("poolwatch_timeouts_total", pool="main") == timeouts_before + 1
+        assert after.value("poolwatch_timeouts_total", pool="main") == 1
         assert after.value("poolwatch_pending_requests", pool="main") == 0
-        assert after.value("poolwatch_wait_seconds_count", pool="main") == 4
+        # Three, the waiter's, the one taken again, and the one that timed out.
+        assert after.value("poolwatch_wait_seconds_count", pool="main") == 6
+        assert after.value("poolwatch_checkouts_total", pool="main") == 5
         assert after.value("poolwatch_wait_seconds_sum", pool="main") >= 0.3
 
         for connection in held:
             connection.close()
         assert used(registry, "main") == 0
         assert scrape(registry).value("poolwatch_connections_overflow", pool="main") == 0
-    assert watcher.scrapes > 5
     assert watcher.negatives == []
     engine.dispose()
 
@@ -134,20 +144,98 @@ def test_pre_ping_replaces_terminated_connections(
 ) -> None:
     engine = sa.create_engine(sync_url, pool_size=2, pool_pre_ping=True)
     poolwatch.watch(engine, registry=registry, name="ping")
-    with engine.connect() as connection:
-        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    time.sleep(0.1)
-    with capture_logs() as events, engine.connect() as connection:
-        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+    with engine.connect() as connection:  # fresh: no ping
+        pass
+    with capture_logs() as events:
+        for _ in range(3):  # a pooled connection that answers: pinged, never a failure
+            with engine.connect() as connection:
+                pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        for _ in range(2):  # twice its backend killed under it: two failures, two replacements
+            with psycopg.connect(postgres_url, autocommit=True) as admin:
+                # With a timeout, PostgreSQL answers once the backend is gone.
+                assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() == (True,)
+            with engine.connect() as connection:
+                pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     failed = [e for e in events if e["event"] == "poolwatch.pre_ping_failed"]
-    assert failed and failed[0]["pool"] == "ping" and failed[0]["error"]
+    # PostgreSQL says why before it closes the socket: psycopg's class for that message.
+    assert [(e["pool"], e["error"]) for e in failed] == [("ping", "AdminShutdown")] * 2
     samples = scrape(registry)
-    assert samples.value("poolwatch_pre_ping_failures_total", pool="ping") >= 1
-    reasons = samples.find("poolwatch_invalidations_total", pool="ping")
-    assert reasons and all(labels["reason"] for labels, _ in reasons)
-    assert sum(value for _, value in reasons) >= 1
+    assert samples.value("poolwatch_pre_ping_failures_total", pool="ping") == 2
+    # Each dead connection thrown away once. SQLAlchemy invalidates it with its own signal for a
+    # failed ping, whose class is what the reason says today (the driver's is in the event above).
+    assert samples.find("poolwatch_invalidations_total", pool="ping") == [
+        ({"pool": "ping", "reason": "InvalidatePoolError"}, 2.0)
+    ]
+    assert samples.value("poolwatch_connects_total", pool="ping") == 3
+    engine.dispose()
+
+
+def test_failed_statements_are_counted_by_operation_and_class_on_every_driver_call(
+    sync_url: str, registry: CollectorRegistry
+) -> None:
+    engine = sa.create_engine(sync_url, pool_size=1)
+    engine.connect().close()  # the dialect's first-connect statements, before poolwatch
+    poolwatch.watch(engine, registry=registry, name="errors")
+    missing = "SELECT x FROM no_such_table_poolwatch WHERE x = %(x)s"
+    calls = [
+        lambda connection: connection.exec_driver_sql(missing, {"x": 1}),  # do_execute
+        lambda connection: connection.exec_driver_sql(missing, [{"x": 1}, {"x": 2}]),  # do_executemany
+        lambda connection: connection.execution_options(no_parameters=True).exec_driver_sql(
+            "SELECT x FROM no_such_table_poolwatch"
+        ),  # do_execute_no_params
+    ]
+    for call in calls:
+        with engine.connect() as connection, pytest.raises(sa.exc.ProgrammingError):
+            call(connection)
+    samples = scrape(registry)
+    assert samples.find("poolwatch_query_errors_total") == [
+        ({"pool": "errors", "operation": "SELECT", "error": "UndefinedTable"}, 3.0)
+    ]
+    # A statement that failed is counted as an error, not timed as a statement.
+    assert samples.value("poolwatch_query_seconds_count", pool="errors", operation="SELECT") == 0
+    engine.dispose()
+
+
+def test_a_checkout_that_cannot_connect_is_a_wait_and_leaves_nobody_waiting(
+    registry: CollectorRegistry,
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on: the connection is refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    engine = sa.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test", poolclass=NullPool)
+    poolwatch.watch(engine, registry=registry, name="refused")
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    samples = scrape(registry)
+    assert samples.value("poolwatch_wait_seconds_count", pool="refused") == 2
+    assert samples.value("poolwatch_pending_requests", pool="refused") == 0
+    assert samples.value("poolwatch_timeouts_total", pool="refused") == 0
+    assert samples.value("poolwatch_checkouts_total", pool="refused") == 0
+    engine.dispose()
+
+
+def test_closing_a_watch_puts_the_engine_back_as_sqlalchemy_made_it(
+    sync_url: str, registry: CollectorRegistry
+) -> None:
+    engine = sa.create_engine(sync_url, pool_size=1)
+    pristine_pool, pristine_dialect = set(vars(engine.pool)), set(vars(engine.dialect))
+    watch = poolwatch.watch(engine, registry=registry, name="closed")
+    assert recorder_of(engine.pool) is watch.recorders[0]
+    watch.close()
+    assert recorder_of(engine.pool) is None
+    assert set(vars(engine.pool)) == pristine_pool
+    assert set(vars(engine.dialect)) == pristine_dialect
+    # Watched again elsewhere: each checkout and statement counted once, by the new watch only.
+    again = CollectorRegistry()
+    poolwatch.watch(engine, registry=again, name="again")
+    with engine.connect() as connection:
+        selects = scrape(again).value("poolwatch_query_seconds_count", pool="again", operation="SELECT")
+        connection.execute(sa.text("SELECT 1"))
+    samples = scrape(again)
+    assert samples.value("poolwatch_checkouts_total", pool="again") == 1
+    assert samples.value("poolwatch_query_seconds_count", pool="again", operation="SELECT") == selects + 1
+    assert scrape(registry).find("poolwatch_checkouts_total") == []  # the closed watch left it
     engine.dispose()
 
 
@@ -182,9 +270,7 @@ async def test_two_engines_two_pools_and_no_double_counting(
         await connection.execute(sa.text("SELECT 1"))
     with replica.connect() as connection:
         # The dialect's own first-connect statements count too; measure from after them.
-        selects = scrape(registry).value(
-            "poolwatch_query_seconds_count", pool="replica", operation="SELECT"
-        )
+        selects = scrape(registry).value("poolwatch_query_seconds_count", pool="replica", operation="SELECT")
         connection.execute(sa.text("SELECT 1"))
         connection.execute(sa.text("SELECT 1"))
     samples = scrape(registry)
@@ -192,10 +278,7 @@ async def test_two_engines_two_pools_and_no_double_counting(
     assert pools == {"primary", "replica"}
     assert samples.value("poolwatch_checkouts_total", pool="primary") == 1
     assert samples.value("poolwatch_checkouts_total", pool="replica") == 1
-    assert (
-        samples.value("poolwatch_query_seconds_count", pool="replica", operation="SELECT")
-        == selects + 2
-    )
+    assert samples.value("poolwatch_query_seconds_count", pool="replica", operation="SELECT") == selects + 2
     await primary.dispose()
     replica.dispose()
 
@@ -239,9 +322,7 @@ def test_counting_goes_on_after_dispose(sync_url: str, registry: CollectorRegist
     old_pool = engine.pool
     engine.dispose()
     assert engine.pool is not old_pool
-    selects = scrape(registry).value(
-        "poolwatch_query_seconds_count", pool="disposed", operation="SELECT"
-    )
+    selects = scrape(registry).value("poolwatch_query_seconds_count", pool="disposed", operation="SELECT")
     with engine.connect() as connection:
         connection.execute(sa.text("SELECT 1"))
         with pytest.raises(sa.exc.TimeoutError):
@@ -252,15 +333,13 @@ def test_counting_goes_on_after_dispose(sync_url: str, registry: CollectorRegist
     assert samples.value("poolwatch_checkins_total", pool="disposed") == 2
     assert samples.value("poolwatch_timeouts_total", pool="disposed") == 1
     assert samples.value("poolwatch_wait_seconds_sum", pool="disposed") >= 0.2
-    assert (
-        samples.value("poolwatch_query_seconds_count", pool="disposed", operation="SELECT")
-        == selects + 1
-    )
+    assert samples.value("poolwatch_query_seconds_count", pool="disposed", operation="SELECT") == selects + 1
     engine.dispose()
 
 
 def test_series_exist_as_zeros_from_the_start(sync_url: str, registry: CollectorRegistry) -> None:
     engine = sa.create_engine(sync_url)
+    errors_before = internal_errors.count  # process-wide: whatever earlier tests provoked
     poolwatch.watch(engine, registry=registry, name="fresh")
     samples = scrape(registry)
     for counter in (
@@ -273,7 +352,8 @@ def test_series_exist_as_zeros_from_the_start(sync_url: str, registry: Collector
         assert samples.value(counter, pool="fresh") == 0, counter
     assert samples.value("poolwatch_use_seconds_count", pool="fresh", route="<none>") == 0
     assert samples.value("poolwatch_connections_max", pool="fresh") == 15
-    assert samples.value("poolwatch_internal_errors_total") >= 0
+    # Watching and scraping cost no internal error, and the counter reports the process's count.
+    assert samples.value("poolwatch_internal_errors_total") == internal_errors.count == errors_before
 
 
 def test_openmetrics_and_text_agree_and_nothing_is_negative(
@@ -294,17 +374,137 @@ def test_openmetrics_and_text_agree_and_nothing_is_negative(
 
 def test_async_pool_saturation_and_timeout(async_url: str, registry: CollectorRegistry) -> None:
     async def scenario() -> None:
-        engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
+        engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=30)
         poolwatch.watch(engine, registry=registry, name="async")
         async with engine.connect():
+            # A second caller waits (pool_timeout is 30 s): pending reads 1 while it does.
             waiter = asyncio.create_task(engine.connect().start())
-            await asyncio.sleep(0.1)
-            assert scrape(registry).value("poolwatch_pending_requests", pool="async") == 1
-            with pytest.raises(sa.exc.TimeoutError):
-                await waiter
+            await wait_until_async(
+                lambda: scrape(registry).value("poolwatch_pending_requests", pool="async") == 1,
+                10,
+                "pending_requests never read 1 while the second caller waited",
+            )
+            assert not waiter.done()
+        second = await waiter  # it got the connection the first gave back
+        # Full again, and a caller that gives up: counted once.
+        engine.sync_engine.pool._timeout = 0.3  # type: ignore[attr-defined]
+        with pytest.raises(sa.exc.TimeoutError):
+            await engine.connect().start()
+        await second.close()
         samples = scrape(registry)
         assert samples.value("poolwatch_timeouts_total", pool="async") == 1
         assert samples.value("poolwatch_pending_requests", pool="async") == 0
+        assert samples.value("poolwatch_checkouts_total", pool="async") == 2
+        assert samples.value("poolwatch_wait_seconds_count", pool="async") == 3
         await engine.dispose()
 
     asyncio.run(scenario())
+
+
+# -- the driver calls go through unchanged -----------------------------------------------------------
+
+
+class RecordingDialect(PGDialect_psycopg):
+    """SQLAlchemy's psycopg dialect, noting what each driver call receives from above it.
+
+    poolwatch wraps these methods on the dialect instance; whatever SQLAlchemy passes must reach the
+    dialect as it was sent. It can also answer a ping with False, as some dialects do for a dead
+    connection instead of raising (psycopg raises).
+    """
+
+    supports_statement_cache = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts: list[object] = []
+        self.closes: list[tuple[str, bool]] = []  # ("close" or "terminate", had a connection)
+        self.ping_answers = True
+
+    def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        self.contexts.append(context)
+        super().do_execute(cursor, statement, parameters, context)
+
+    def do_executemany(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        self.contexts.append(context)
+        super().do_executemany(cursor, statement, parameters, context)
+
+    def do_execute_no_params(self, cursor: Any, statement: Any, context: Any = None) -> None:
+        self.contexts.append(context)
+        super().do_execute_no_params(cursor, statement, context)
+
+    def do_close(self, dbapi_connection: Any) -> None:
+        self.closes.append(("close", dbapi_connection is not None))
+        super().do_close(dbapi_connection)
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        self.closes.append(("terminate", dbapi_connection is not None))
+        super().do_terminate(dbapi_connection)
+
+    def do_ping(self, dbapi_connection: Any) -> bool:
+        return bool(super().do_ping(dbapi_connection)) and self.ping_answers
+
+
+sa.dialects.registry.register("postgresql.poolwatch_recording", __name__, "RecordingDialect")
+
+
+def recording_engine(sync_url: str, **options: Any) -> sa.Engine:
+    url = sa.make_url(sync_url).set(drivername="postgresql+poolwatch_recording")
+    engine = sa.create_engine(url, **options)
+    engine.connect().close()  # the dialect's first connect, before poolwatch
+    return engine
+
+
+def test_each_driver_call_gets_the_execution_context_sqlalchemy_passed(
+    sync_url: str, registry: CollectorRegistry
+) -> None:
+    engine = recording_engine(sync_url, pool_size=1)
+    dialect = engine.dialect
+    assert isinstance(dialect, RecordingDialect)
+    poolwatch.watch(engine, registry=registry, name="passed")
+    dialect.contexts.clear()
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT %(x)s", {"x": 1})  # do_execute
+        connection.exec_driver_sql("SELECT %(x)s", [{"x": 1}, {"x": 2}])  # do_executemany
+        connection.execution_options(no_parameters=True).exec_driver_sql("SELECT 1")  # no params
+    assert [type(context) for context in dialect.contexts] == [PGExecutionContext_psycopg] * 3
+    assert scrape(registry).value("poolwatch_query_seconds_count", pool="passed", operation="SELECT") == 3
+    engine.dispose()
+
+
+def test_a_ping_that_answers_false_is_a_pre_ping_failure(sync_url: str, registry: CollectorRegistry) -> None:
+    engine = recording_engine(sync_url, pool_size=1, pool_pre_ping=True)
+    dialect = engine.dialect
+    assert isinstance(dialect, RecordingDialect)
+    poolwatch.watch(engine, registry=registry, name="false")
+    dialect.ping_answers = False
+    with capture_logs() as events, engine.connect() as connection:
+        dialect.ping_answers = True  # the fresh connection that replaced it is not pinged
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+    failed = [(e["pool"], e["error"]) for e in events if e["event"] == "poolwatch.pre_ping_failed"]
+    assert failed == [("false", "PingReturnedFalse")]
+    samples = scrape(registry)
+    assert samples.value("poolwatch_pre_ping_failures_total", pool="false") == 1
+    assert samples.value("poolwatch_connects_total", pool="false") == 1
+    engine.dispose()
+
+
+def test_connections_are_closed_as_sqlalchemy_asked_gently_or_hard(
+    sync_url: str, registry: CollectorRegistry
+) -> None:
+    """A connection returned to a full pool is closed; an invalidated one is terminated."""
+    engine = recording_engine(sync_url, pool_size=1, max_overflow=1)
+    dialect = engine.dialect
+    assert isinstance(dialect, RecordingDialect)
+    poolwatch.watch(engine, registry=registry, name="closes")
+    dialect.closes.clear()
+    first, second = engine.connect(), engine.connect()  # the second is an overflow connection
+    first.close()  # back in the pool
+    second.close()  # the pool is full: closed
+    assert dialect.closes == [("close", True)]
+    third = engine.connect()
+    third.invalidate()  # dead as far as the application knows: terminated
+    third.close()
+    # (psycopg's terminate is SQLAlchemy's default one, which closes.)
+    assert dialect.closes == [("close", True), ("terminate", True), ("close", True)]
+    assert scrape(registry).value("poolwatch_disconnects_total", pool="closes") == 2
+    engine.dispose()

@@ -1,0 +1,105 @@
+"""Turning what the user passed into (pool name, sync Engine) pairs, with clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+EngineLike = Engine | AsyncEngine
+# What one argument may name: an engine, several of them, or {pool name: engine}. The containers
+# are the ones collect_engines() accepts; a wider Collection would make a type checker unable to
+# infer a {name: engine} literal that mixes Engine and AsyncEngine.
+Engines = (
+    EngineLike
+    | Mapping[str, EngineLike]
+    | list[EngineLike]
+    | tuple[EngineLike, ...]
+    | set[EngineLike]
+    | frozenset[EngineLike]
+)
+
+
+def sync_engine_of(candidate: object, where: str) -> Engine:
+    """The sync Engine behind an Engine or AsyncEngine; anything else is a clear TypeError."""
+    if isinstance(candidate, AsyncEngine):
+        return candidate.sync_engine
+    if isinstance(candidate, Engine):
+        return candidate
+    raise TypeError(
+        f"poolwatch: {where} must be a SQLAlchemy Engine or AsyncEngine, "
+        f"got {type(candidate).__module__}.{type(candidate).__qualname__}"
+    )
+
+
+def root_engine(engine: Engine) -> Engine:
+    """The engine an ``execution_options()`` engine derives from (it shares that one's pool)."""
+    for _ in range(32):  # OptionEngine chains are short; never loop on a strange object
+        proxied = getattr(engine, "_proxied", None)
+        if not isinstance(proxied, Engine):
+            break
+        engine = proxied
+    return engine
+
+
+def collect_engines(
+    engines: Iterable[Any],
+    name: str | None = None,
+    known_name: Callable[[Engine], str | None] = lambda engine: None,
+) -> list[tuple[str, Engine]]:
+    """Flatten engines, lists of engines and {name: engine} mappings into named sync engines.
+
+    An engine that is already watched keeps the name it has (``known_name``): one engine is one
+    pool with one name, however often it is instrumented.
+    """
+    named: list[tuple[str | None, Engine]] = []
+    for position, item in enumerate(engines):
+        if isinstance(item, Mapping):
+            for key, value in item.items():
+                if not isinstance(key, str) or not key:
+                    raise TypeError(f"poolwatch: pool names must be non-empty strings, got {key!r}")
+                named.append((key, sync_engine_of(value, f"engine {key!r}")))
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            for inner, value in enumerate(item):
+                named.append((None, sync_engine_of(value, f"engines[{position}][{inner}]")))
+        else:
+            named.append((None, sync_engine_of(item, f"engine #{position + 1}")))
+    if not named:
+        raise TypeError("poolwatch: no engine given; pass an Engine, an AsyncEngine or {name: engine}")
+    if name is not None:
+        if len(named) != 1:
+            raise TypeError("poolwatch: name= names a single engine; pass {name: engine} for several")
+        named = [(name, named[0][1])]
+
+    result: list[tuple[str, Engine]] = []
+    seen_engines: set[int] = set()
+    seen_names: dict[str, Engine] = {}
+    for given, engine in named:
+        if id(root_engine(engine)) in seen_engines:
+            continue  # the same engine twice (or with execution_options()) is one pool, counted once
+        seen_engines.add(id(root_engine(engine)))
+        # A name given now wins; else the pool keeps the name it is already watched under.
+        pool_name = given or known_name(engine) or default_pool_name(engine)
+        if pool_name in seen_names:
+            raise ValueError(
+                f"poolwatch: two engines would both be pool {pool_name!r}; "
+                "name them with a mapping such as {'primary': engine, 'replica': other}"
+            )
+        seen_names[pool_name] = engine
+        result.append((pool_name, engine))
+    return result
+
+
+def default_pool_name(engine: Engine) -> str:
+    """The pool's logging_name, else host:port/database; never a user name or a password."""
+    logging_name = getattr(engine.pool, "logging_name", None)
+    if logging_name:
+        return str(logging_name)
+    url = engine.url
+    database = url.database or ""
+    if url.host:
+        host = f"{url.host}:{url.port}" if url.port else url.host
+        return f"{host}/{database}"
+    return database or f"{url.get_backend_name()}:memory"

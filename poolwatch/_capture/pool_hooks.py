@@ -1,0 +1,253 @@
+"""The acquisition wrapper: poolwatch's own hooks on a pool instance.
+
+SQLAlchemy has no event for waiting, so pending callers, wait time and timeouts need a wrapper
+around ``Pool.connect``. Wrapping ``connect`` and ``_do_return_conn`` also replaces the
+``checkout``/``checkin`` event listeners, whose dispatch alone costs more than all of our
+bookkeeping. ``_close_connection`` is the single place where every pool class closes DBAPI
+connections, detached ones included. (Opening them is counted by the ``connect`` pool event in
+``_listeners``: SQLAlchemy rebuilds ``_invoke_creator`` whenever ``pool._creator`` is set, which
+would silently drop a wrapper there.)
+
+Hooks are instance attributes of the pool, so they vanish with it, and nothing is stored on the
+engine, which ``copy.copy`` and ``execution_options()`` share or copy. ``engine.dispose()`` replaces
+the pool with ``pool.recreate()``; the wrapper on ``recreate`` hooks the new pool for the same
+recorder once it is the watched engine's pool (a copy's ``dispose()`` gives it to the copy).
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from contextvars import copy_context
+from sys import _getframe as getframe
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc as sa_exc
+
+from .._log import internal_errors
+from .._record.context import NO_REQUEST, current_request
+from .._record.recorder import CheckoutEntry, Exemplar, perf_counter
+from .borrow_site import borrow_site, borrow_stack, is_library_file
+from .tracing import exemplar
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import Pool
+
+    from .._record.recorder import PoolRecorder
+
+_MARK = "_poolwatch_recorder"
+_WRAPPED = ("connect", "_do_return_conn", "_close_connection", "recreate")
+
+
+def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
+    """Install the hooks on ``pool``; a pool already hooked by this recorder is left alone."""
+    if getattr(pool, _MARK, None) is recorder:
+        return
+    if getattr(pool, _MARK, None) is not None:
+        unhook_pool(pool)
+
+    original_connect = pool.connect
+    original_return = pool._do_return_conn
+    original_close = pool._close_connection
+    original_recreate = pool.recreate
+
+    # The two functions below run on every checkout and checkin. They keep the bookkeeping inline
+    # (one Python frame each, locals instead of attribute lookups) because on this path a call
+    # costs as much as the work; the recorder owns the state and everything that is not per-event.
+    waits_started = recorder.waits_started
+    waits_finished = recorder.waits_finished
+    open_checkouts = recorder.open_checkouts
+    leaked_records = recorder.leaked_records
+    use_by_route = recorder.use
+    use_histogram = recorder.use_histogram
+    # Held longer than this at checkin and not yet flagged by the sweeper: a leak to count now.
+    leak_threshold = recorder.leak_threshold if recorder.leak_threshold > 0 else float("inf")
+    wait = recorder.wait
+    acquire = recorder.lock.acquire
+    release = recorder.lock.release
+    get_request = current_request.get
+
+    def connect() -> Any:
+        next(waits_started)
+        started = perf_counter()
+        try:
+            fairy = original_connect()
+        except sa_exc.TimeoutError:
+            _failed_wait(recorder, started, timed_out=True)
+            raise
+        except BaseException:
+            _failed_wait(recorder, started, timed_out=False)
+            raise
+        try:
+            now = perf_counter()
+            waited = now - started
+            record = fairy._connection_record
+            request = get_request()
+            site = None
+            if recorder.capture_site:
+                # The caller's frame is tested inline: when it is application code (a direct
+                # pool.connect()) that saves the call into the borrow-site walk.
+                try:
+                    caller = getframe(1)
+                except ValueError:  # connect() is the root of a greenlet or thread: no caller
+                    caller = None
+                if caller is not None and is_library_file.get(caller.f_code.co_filename) is False:
+                    site = (caller.f_code, caller.f_lasti)
+                elif caller is not None:
+                    site = borrow_site(2)
+            # A plain tuple (see CheckoutEntry), built before the lock: see _recorder's docstring.
+            entry = (
+                now,
+                request,
+                record.fairy_ref,
+                site,
+                borrow_stack(2) if recorder.capture_stack else None,
+                record,
+                copy_context(),
+            )
+            acquire()
+            try:
+                wait.counts[bisect_left(wait.bounds, waited)] += 1
+                wait.total += waited
+                if record not in open_checkouts:  # else handed out again (SingletonThreadPool)
+                    recorder.checkouts += 1
+                    open_checkouts[record] = entry  # type: ignore[assignment]
+            finally:
+                release()
+            if request is not None and request.response_started:
+                recorder.count_after_response(request.route)
+        except Exception as error:
+            internal_errors.record("checkout", error)
+        finally:
+            # Whatever failed above, this caller is no longer waiting.
+            next(waits_finished)
+        return fairy
+
+    def do_return_conn(record: Any) -> None:
+        try:
+            entry = open_checkouts.get(record)
+            if entry is not None:  # else taken before poolwatch was installed
+                held = perf_counter() - entry[0]
+                request = entry[1]
+                fairy_ref = entry[2]
+                route = NO_REQUEST if request is None else (request.resolved_route or request.route)
+                use = use_by_route.get(route) or use_histogram(route)
+                reclaimed = fairy_ref is not None and fairy_ref() is None
+                flagged = False
+                acquire()
+                try:
+                    counted = open_checkouts.pop(record, None) is not None
+                    if counted:
+                        recorder.checkins += 1
+                        use.counts[bisect_left(use.bounds, held)] += 1
+                        use.total += held
+                        if record in leaked_records:
+                            flagged = True
+                            leaked_records.discard(record)
+                finally:
+                    release()
+                if counted and recorder.tracing:
+                    _keep_exemplar(recorder.use_exemplars, route, held)
+                if counted and (reclaimed or flagged or held > leak_threshold):
+                    recorder.returned_notably(CheckoutEntry(*entry), route, held, reclaimed, flagged)
+        except Exception as error:
+            internal_errors.record("checkin", error)
+        original_return(record)
+
+    def close_connection(connection: Any, *, terminate: bool = False) -> None:
+        try:
+            original_close(connection, terminate=terminate)
+        finally:
+            try:
+                recorder.disconnected()
+            except Exception as error:
+                internal_errors.record("disconnect", error)
+
+    def recreate() -> Pool:
+        new_pool = original_recreate()
+        try:
+            _adopt_on_first_use(new_pool, recorder)
+        except Exception as error:
+            internal_errors.record("recreate", error)
+        return new_pool
+
+    pool.connect = connect  # type: ignore[method-assign]
+    pool._do_return_conn = do_return_conn  # type: ignore[method-assign]
+    pool._close_connection = close_connection  # type: ignore[method-assign]
+    pool.recreate = recreate  # type: ignore[method-assign]
+    setattr(pool, _MARK, recorder)
+
+
+def _adopt_on_first_use(pool: Pool, recorder: PoolRecorder) -> None:
+    """Hook ``pool`` at its first checkout if it is then the watched engine's pool.
+
+    ``recreate()`` cannot tell which engine asked: ``engine.dispose()`` keeps the new pool, but
+    ``copy.copy(engine).dispose()`` gives it to the copy, a separate engine that nobody watches.
+    By the first checkout the engine that called ``dispose()`` has its new pool, so the question
+    is settled once there, off the hot path of every later checkout.
+    """
+    lock = threading.Lock()
+
+    def connect() -> Any:
+        with lock:
+            if pool.__dict__.get("connect") is connect:
+                # The class's own methods show through again, then the hooks go on if ours.
+                pool.__dict__.pop("connect", None)
+                pool.__dict__.pop("recreate", None)
+                try:
+                    if recorder.pool is pool:
+                        hook_pool(pool, recorder)
+                except Exception as error:
+                    internal_errors.record("adopt", error)
+        return pool.connect()
+
+    def recreate() -> Pool:
+        # Disposed again before any checkout: the question passes on to the next pool.
+        new_pool = type(pool).recreate(pool)
+        try:
+            _adopt_on_first_use(new_pool, recorder)
+        except Exception as error:
+            internal_errors.record("recreate", error)
+        return new_pool
+
+    pool.connect = connect  # type: ignore[method-assign]
+    pool.recreate = recreate  # type: ignore[method-assign]
+
+
+def watched_by(record: Any, recorder: PoolRecorder) -> bool:
+    """Whether a connection record belongs to a pool this recorder watches.
+
+    Pool event listeners travel to every pool ``recreate()`` makes, a copy's included; a record
+    of a pool the recorder does not watch is not its to count. (SQLAlchemy keeps the record's
+    pool in a private attribute; if that ever moves, the record counts, as it did before.)
+    """
+    pool = getattr(record, "_ConnectionRecord__pool", None)
+    return pool is None or pool.__dict__.get(_MARK) is recorder
+
+
+def unhook_pool(pool: Pool) -> None:
+    """Put the pool back as SQLAlchemy made it (its class attributes show through again)."""
+    if getattr(pool, _MARK, None) is None:
+        return
+    for name in _WRAPPED:
+        pool.__dict__.pop(name, None)
+    delattr(pool, _MARK)
+
+
+def recorder_of(pool: Pool) -> PoolRecorder | None:
+    """The recorder whose hooks are on ``pool``, if any."""
+    recorder: PoolRecorder | None = pool.__dict__.get(_MARK)
+    return recorder
+
+
+def _keep_exemplar(exemplars: dict[str, Exemplar], key: str, value: float) -> None:
+    found = exemplar(value)
+    if found is not None:
+        exemplars[key] = found
+
+
+def _failed_wait(recorder: PoolRecorder, started: float, *, timed_out: bool) -> None:
+    try:
+        recorder.wait_failed(started, timed_out)
+    except Exception as error:
+        internal_errors.record("wait_failed", error)

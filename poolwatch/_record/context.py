@@ -1,0 +1,150 @@
+"""The request a checkout belongs to, carried in a ContextVar set by the ASGI middleware.
+
+A ContextVar follows the request into sync endpoints (Starlette copies the context into the
+threadpool), into SQLAlchemy's greenlet for async engines, into dependencies with ``yield`` and into
+background tasks, so one lookup at checkout time is all attribution costs on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+NO_REQUEST = "<none>"
+UNMATCHED = "<unmatched>"
+
+
+class RequestContext:
+    """One HTTP request. The route is resolved lazily: routing happens after the middleware runs."""
+
+    __slots__ = ("queries", "resolved_route", "response_started", "scope")
+
+    def __init__(self, scope: MutableMapping[str, Any]) -> None:
+        self.scope = scope
+        self.queries = 0
+        # Set once the app has begun its response: work after that outlives the request.
+        self.response_started = False
+        # The template once known; read directly on the hot path to skip the property call.
+        self.resolved_route: str | None = None
+
+    @property
+    def route(self) -> str:
+        """The route template, or ``<unmatched>``; stable once routing is done."""
+        if self.resolved_route is not None:
+            return self.resolved_route
+        route = self.scope.get("route") or route_of_endpoint(self.scope)
+        if route is None:
+            return UNMATCHED
+        template = route_template(route, self.scope)
+        self.resolved_route = template
+        return template
+
+
+current_request: ContextVar[RequestContext | None] = ContextVar("poolwatch_request", default=None)
+
+
+def route_label(context: RequestContext | None) -> str:
+    return NO_REQUEST if context is None else context.route
+
+
+# id(route) -> (route, mount prefix). Keeping the route object alive makes the id safe to reuse.
+_mount_prefixes: dict[int, tuple[Any, str]] = {}
+
+
+def route_template(route: Any, scope: MutableMapping[str, Any]) -> str:
+    """``/users/{user_id}`` for a route, with the templates of any Mounts it sits under."""
+    path = _fastapi_effective_path(route, scope) or getattr(route, "path_format", None)
+    if not isinstance(path, str):
+        return UNMATCHED
+    # Only a mounted sub-app changes root_path; everything else already has its full template.
+    if scope.get("root_path", "") == scope.get("app_root_path", scope.get("root_path", "")):
+        return path
+    cached = _mount_prefixes.get(id(route))
+    if cached is None or cached[0] is not route:
+        router = scope.get("router")
+        prefix = _find_mount_prefix(getattr(router, "routes", ()), route, depth=0)
+        cached = (route, prefix if prefix is not None else "")
+        _mount_prefixes[id(route)] = cached
+    return cached[1] + path
+
+
+# id(endpoint) -> (endpoint, route): keeping the endpoint alive makes the id safe to reuse.
+_endpoint_routes: dict[int, tuple[Any, Any]] = {}
+
+
+def route_of_endpoint(scope: MutableMapping[str, Any]) -> Any:
+    """The route that matched, found from the endpoint the router put in the scope.
+
+    FastAPI's router marks ``scope["route"]`` for its own API routes only; a plain Starlette
+    ``Route`` (``/docs``, ``/openapi.json``) or a ``Mount`` of a raw ASGI app (GraphQL) leaves just
+    ``scope["endpoint"]``: the route or Mount whose endpoint (or mounted app) that is.
+    """
+    endpoint = scope.get("endpoint")
+    if endpoint is None:
+        return None
+    cached = _endpoint_routes.get(id(endpoint))
+    if cached is not None and cached[0] is endpoint:
+        return cached[1]
+    router = scope.get("router") or getattr(scope.get("app"), "router", None)
+    found = _find_endpoint(getattr(router, "routes", ()), endpoint, depth=0)
+    if found is not None:
+        _endpoint_routes[id(endpoint)] = (endpoint, found)
+    return found
+
+
+def _find_endpoint(routes: Any, endpoint: Any, depth: int) -> Any:
+    if depth > 16:
+        return None
+    for candidate in routes:
+        if getattr(candidate, "endpoint", None) is endpoint or getattr(candidate, "app", None) is endpoint:
+            return candidate
+        children, _ = _children(candidate)
+        if children:
+            found = _find_endpoint(children, endpoint, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _fastapi_effective_path(route: Any, scope: MutableMapping[str, Any]) -> str | None:
+    """The template FastAPI resolved for ``route``, prefixes of included routers included.
+
+    FastAPI 0.12x+ keeps ``include_router(router, prefix=...)`` lazy: ``scope["route"]`` is the
+    router's own APIRoute, whose ``path_format`` lacks the prefix; the prefixed template lives in
+    the effective route context FastAPI stores in the scope (as its own telemetry reads it).
+    """
+    fastapi_scope = scope.get("fastapi")
+    if not isinstance(fastapi_scope, dict):
+        return None
+    context = fastapi_scope.get("effective_route_context")
+    if context is None or getattr(context, "original_route", None) is not route:
+        return None
+    path = getattr(getattr(context, "starlette_route", None), "path_format", None)
+    path = path or getattr(context, "path_format", None)
+    return path if isinstance(path, str) and path else None
+
+
+def _children(route: Any) -> tuple[Any, bool]:
+    """A route's sub-routes, and whether its own path is a prefix of theirs (a Mount's is)."""
+    included = getattr(route, "include_context", None)
+    if included is not None:  # FastAPI's lazily included router: prefix already in the template
+        return getattr(getattr(included, "included_router", None), "routes", ()), False
+    children = getattr(route, "routes", None)
+    return (children or ()), hasattr(route, "path_regex")
+
+
+def _find_mount_prefix(routes: Any, target: Any, depth: int) -> str | None:
+    if depth > 16:  # a pathological or cyclic mount tree; give up rather than recurse forever
+        return None
+    for candidate in routes:
+        if candidate is target:
+            return ""
+        children, is_prefix = _children(candidate)
+        if not children:
+            continue
+        found = _find_mount_prefix(children, target, depth + 1)
+        if found is not None:
+            own = getattr(candidate, "path", "") if is_prefix else ""
+            return (own or "") + found
+    return None

@@ -1,0 +1,259 @@
+"""Notable facts about a pool, as small frozen values handed to sinks (stamina's seam).
+
+The recorder, the leak sweeper, the statement timer and health build one of these where something
+worth telling happened, always outside the recorder's lock, and call :func:`emit`, which hands it
+to every sink in turn. A sink is any callable taking an event. The default is ``_log.log_sink``:
+structlog when the application has configured it, stdlib ``logging`` otherwise (``_log`` also has
+each of the two alone). Each event knows its log name, level and fields (``fields()``), so every
+log sink writes the same event; other sinks (a live page, a test helper) read the typed attributes.
+
+Events are rare (leaks, timeouts, slow statements, health changes): nothing here runs per checkout.
+Configuration notices (a misspelt setting, a taken path) are not pool facts and are logged directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import CodeType
+from typing import Any, ClassVar, Literal, Protocol
+
+from .._log import internal_errors, log_sink
+
+Level = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class LeakDetected:
+    """A checkout held past the leak threshold; reported once per checkout."""
+
+    name: ClassVar[str] = "poolwatch.leak_detected"
+    level: ClassVar[Level] = "warning"
+
+    pool: str
+    route: str
+    seconds_held: float
+    threshold_seconds: float
+    site: str  # file:line of the application code that took the connection
+    function: str
+    stack: str | None = None  # the whole borrow stack, with leak_capture_stack
+
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "pool": self.pool,
+            "route": self.route,
+            "seconds_held": round(self.seconds_held, 3),
+            "threshold_seconds": self.threshold_seconds,
+            "site": self.site,
+            "function": self.function,
+        }
+        if self.stack is not None:
+            fields["stack"] = self.stack
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class LeakReturned:
+    """A checkout reported as a leak came back to the pool."""
+
+    name: ClassVar[str] = "poolwatch.leak_returned"
+    level: ClassVar[Level] = "info"
+
+    pool: str
+    route: str
+    seconds_held: float
+    site: str
+    function: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "route": self.route,
+            "seconds_held": round(self.seconds_held, 3),
+            "site": self.site,
+            "function": self.function,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GcReclaimed:
+    """A checkout was never returned: the garbage collector gave the connection back."""
+
+    name: ClassVar[str] = "poolwatch.gc_reclaimed"
+    level: ClassVar[Level] = "error"
+
+    pool: str
+    route: str
+    seconds_held: float
+    site: str
+    function: str
+    stack: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "pool": self.pool,
+            "route": self.route,
+            "seconds_held": round(self.seconds_held, 3),
+            "site": self.site,
+            "function": self.function,
+        }
+        if self.stack is not None:
+            fields["stack"] = self.stack
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTimeout:
+    """A checkout gave up: the pool's limit was reached for ``pool_timeout``."""
+
+    name: ClassVar[str] = "poolwatch.pool_timeout"
+    level: ClassVar[Level] = "warning"
+
+    pool: str
+    seconds_waited: float
+    pool_size: int | None  # None for pools without a size
+    max_overflow: int | None
+    overflow: int
+    checked_out: int | None
+    callers_waiting: int  # this caller included
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "seconds_waited": round(self.seconds_waited, 3),
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "overflow": self.overflow,
+            "checked_out": self.checked_out,
+            "callers_waiting": self.callers_waiting,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PrePingFailed:
+    """The pool's pre-ping found a dead connection."""
+
+    name: ClassVar[str] = "poolwatch.pre_ping_failed"
+    level: ClassVar[Level] = "warning"
+
+    pool: str
+    error: str  # the exception's class name, never its message
+
+    def fields(self) -> dict[str, Any]:
+        return {"pool": self.pool, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class SlowQuery:
+    """A statement took at least ``slow_query_seconds``."""
+
+    name: ClassVar[str] = "poolwatch.slow_query"
+    level: ClassVar[Level] = "warning"
+
+    pool: str
+    route: str
+    operation: str
+    seconds: float
+    threshold_seconds: float
+    fingerprint: str  # the statement with its literals replaced by ``?``
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "route": self.route,
+            "operation": self.operation,
+            "seconds": round(self.seconds, 4),
+            "threshold_seconds": self.threshold_seconds,
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    """A pool's reported health changed (one event per change, not per probe)."""
+
+    name: ClassVar[str] = "poolwatch.health_changed"
+
+    pool: str
+    status: str
+    previous: str
+    used: int
+    max: int | None
+    pending: int
+    error: str | None = None
+
+    @property
+    def level(self) -> Level:
+        return "info" if self.status == "ok" else "warning"
+
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "pool": self.pool,
+            "status": self.status,
+            "previous": self.previous,
+            "used": self.used,
+            "max": self.max,
+            "pending": self.pending,
+        }
+        if self.error is not None:
+            fields["error"] = self.error
+        return fields
+
+
+Event = LeakDetected | LeakReturned | GcReclaimed | PoolTimeout | PrePingFailed | SlowQuery | HealthChanged
+EVENT_TYPES: tuple[type[Event], ...] = (
+    LeakDetected, LeakReturned, GcReclaimed, PoolTimeout, PrePingFailed, SlowQuery, HealthChanged,
+)  # fmt: skip
+
+
+class Sink(Protocol):
+    """Anything that takes an event; it must not block (leak events come from the checkin path)."""
+
+    def __call__(self, event: Event, /) -> None: ...
+
+
+DEFAULT_SINKS: tuple[Sink, ...] = (log_sink,)
+_sinks: tuple[Sink, ...] = DEFAULT_SINKS
+
+
+def set_sinks(sinks: Iterable[Sink] | None) -> tuple[Sink, ...]:
+    """Send events to ``sinks`` from now on (None: the default log sinks); returns the previous
+    ones. A tuple is swapped whole, so an event being emitted meanwhile sees one set or the other."""
+    global _sinks
+    previous = _sinks
+    _sinks = DEFAULT_SINKS if sinks is None else tuple(sinks)
+    return previous
+
+
+def get_sinks() -> tuple[Sink, ...]:
+    return _sinks
+
+
+def emit(event: Event) -> None:
+    """Hand ``event`` to every sink; a failing sink is counted and never stops the others."""
+    for sink in _sinks:
+        try:
+            sink(event)
+        except Exception as error:
+            internal_errors.record("event_sink", error)
+
+
+def describe_site(site: tuple[CodeType, int] | None) -> tuple[str, str]:
+    """(``file:line``, function) of a site kept as (code, instruction offset)."""
+    if site is None:
+        return "<unknown>", "<unknown>"
+    code, offset = site
+    return f"{code.co_filename}:{line_of(code, offset)}", code.co_qualname
+
+
+def line_of(code: CodeType, offset: int) -> int | None:
+    """The source line of an instruction offset; what ``frame.f_lineno`` would have said.
+
+    Kept lazy because ``f_lineno`` decodes the code object's line table on every call, a cost
+    that grows with the function's length; a checkout keeps the offset and a leak report, which is
+    rare, pays for the decoding.
+    """
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line
+    return code.co_firstlineno

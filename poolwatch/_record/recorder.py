@@ -1,0 +1,392 @@
+"""Per-pool recorder: plain counters, bucket arrays and the table of live checkouts.
+
+Everything here is written on the hot path, so it is plain Python objects under one lock per pool:
+no prometheus_client objects, no label tuples built per event, no stack walks beyond the cached
+borrow-site lookup. The collector reads a snapshot at scrape time.
+
+Exact counts under threads need the lock, but a lock costs as much here as half of SQLAlchemy's own
+checkout, so the hot path takes it once per checkout and once per checkin (plain acquire/release, not
+a ``with`` block) and the waiting-callers gauge uses two atomic ``itertools.count`` tickers instead.
+
+Garbage-collector re-entry. The collector may finalize a lost connection at any allocation (3.11)
+or between bytecodes (3.12+), on whatever thread allocated, and SQLAlchemy then checks it in on that
+thread: the checkin hook runs *inside* whatever that thread was doing, possibly while it holds this
+recorder's lock. So:
+
+- the lock is re-entrant (an ``RLock``): a nested checkin never waits for its own thread;
+- readers never iterate a container the checkin path changes: they take a C-level copy first
+  (``list(d)``, ``list(d.values())``: the only allocation in those calls happens before the copy
+  starts), and the keyed counters only ever gain keys, so keys and values copied one after the other
+  still pair up by position;
+- a nested writer finishes its own few statements before the interrupted code resumes, and none of
+  the interrupted sections splits a read-modify-write across a call, so no count is lost.
+tests/test_gc_reentry.py forces a collection at every allocation of each reading path to prove it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import CodeType
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from .context import NO_REQUEST, RequestContext, route_label
+from .events import (
+    Event,
+    GcReclaimed,
+    LeakDetected,
+    LeakReturned,
+    PoolTimeout,
+    PrePingFailed,
+    describe_site,
+    emit,
+)
+from .histogram import Histogram, HistogramCopy
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import Pool
+
+    from .._settings import PoolWatchSettings
+
+OPERATIONS = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRANSACTION", "DDL", "OTHER")
+
+perf_counter = time.perf_counter
+
+# (trace id as 32 hex digits, observed value, unix timestamp)
+Exemplar = tuple[str, float, float]
+
+
+def ticker_value(ticker: itertools.count[int]) -> int:
+    """How many times ``next()`` was called on an ``itertools.count()`` started at 0.
+
+    ``next(count)`` is a single atomic C call, which makes it the cheapest exact counter shared
+    between threads; its repr, ``count(N)``, is the only public way to read it without advancing.
+    """
+    return int(repr(ticker)[6:-1])
+
+
+class CheckoutEntry(NamedTuple):
+    """One connection out of the pool right now.
+
+    Built on every checkout, so the hot path makes it as a plain tuple (a NamedTuple's constructor
+    is a Python call); this class names the fields for every other reader.
+    """
+
+    started: float
+    request: RequestContext | None
+    # SQLAlchemy's own weakref to the connection proxy: dead at checkin means the garbage
+    # collector, not the application, returned the connection.
+    fairy_ref: weakref.ref[Any] | None
+    site: tuple[CodeType, int] | None
+    stack: traceback.StackSummary | None
+    # SQLAlchemy's connection record: the key of the checkout table, kept here so readers can
+    # iterate a copy of the table's values alone (see the module docstring).
+    record: Any
+    # The contextvars at checkout (structlog's bound request id, for one), for events about this
+    # checkout that are logged later from another thread.
+    context: contextvars.Context | None
+
+
+@dataclass
+class LiveCheckouts:
+    """What the table of checkouts says at one instant."""
+
+    count: int = 0
+    oldest_age: float = 0.0
+    leaked: int = 0
+
+
+@dataclass
+class RecorderSnapshot:
+    """A consistent copy of a recorder's counters, taken under its lock."""
+
+    checkouts: int
+    checkins: int
+    connects: int
+    disconnects: int
+    timeouts: int
+    pre_ping_failures: int
+    pending: int
+    invalidations: dict[str, int]
+    leaks: dict[str, int]
+    gc_reclaimed: dict[str, int]
+    after_response: dict[str, int]
+    query_errors: dict[tuple[str, str], int]
+    wait: HistogramCopy
+    connect_time: HistogramCopy
+    use: dict[str, HistogramCopy]
+    query: dict[str, HistogramCopy]
+    live: LiveCheckouts = field(default_factory=LiveCheckouts)
+
+
+class PoolRecorder:
+    """Counts for one named pool (one engine), across ``engine.dispose()``."""
+
+    def __init__(self, name: str, engine: Engine, settings: PoolWatchSettings) -> None:
+        self.name = name
+        self._engine_ref = weakref.ref(engine)
+        self.leak_threshold = settings.leak_threshold_seconds
+        self.capture_site = settings.leak_threshold_seconds > 0
+        self.capture_stack = settings.leak_capture_stack and self.capture_site
+        # A minimal third-party dialect may lack either; SQLAlchemy itself does not need them.
+        self.dialect = str(getattr(engine.dialect, "name", None) or "unknown")
+        self.driver = str(getattr(engine.dialect, "driver", None) or "unknown")
+        # Re-entrant: the garbage collector may check a connection in on a thread that holds it.
+        self.lock = threading.RLock()
+        # Callers inside Pool.connect now = started - finished; both are atomic tickers.
+        self.waits_started = itertools.count()
+        self.waits_finished = itertools.count()
+
+        self.checkouts = 0
+        self.checkins = 0
+        self.connects = 0
+        self.disconnects = 0
+        self.timeouts = 0
+        self.pre_ping_failures = 0
+        self.invalidations: dict[str, int] = {}
+        self.leaks: dict[str, int] = {NO_REQUEST: 0}
+        self.gc_reclaimed: dict[str, int] = {NO_REQUEST: 0}
+        self.after_response: dict[str, int] = {}
+        self.query_errors: dict[tuple[str, str], int] = {}
+        self.wait = Histogram()
+        self.connect_time = Histogram()
+        self.use: dict[str, Histogram] = {NO_REQUEST: Histogram()}
+        self.query: dict[str, Histogram] = {op: Histogram() for op in OPERATIONS}
+        # Keyed by SQLAlchemy's connection record, which outlives the checkout and is hashable.
+        self.open_checkouts: dict[Any, CheckoutEntry] = {}
+        # With tracing on: the latest exemplar per series, (trace_id hex, value, unix time), keyed
+        # by route (use_seconds) and by operation (query_seconds). Written on the hot path only
+        # when a span is active; read by the collector for OpenMetrics output.
+        self.tracing = settings.tracing
+        self.use_exemplars: dict[str, Exemplar] = {}
+        self.query_exemplars: dict[str, Exemplar] = {}
+        # Records whose checkout the sweeper flagged; checked at checkin only while non-empty.
+        self.leaked_records: set[Any] = set()
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine_ref()
+
+    @property
+    def pool(self) -> Pool | None:
+        engine = self._engine_ref()
+        return None if engine is None else engine.pool
+
+    # -- hot path: checkout and checkin ---------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        # Read finished first: a caller that starts in between can only make this larger.
+        finished = ticker_value(self.waits_finished)
+        return max(0, ticker_value(self.waits_started) - finished)
+
+    def wait_failed(self, started: float, timed_out: bool) -> None:
+        waited = perf_counter() - started
+        with self.lock:
+            self.wait.observe(waited)
+            if timed_out:
+                self.timeouts += 1
+        # Counted among the waiting until logged: the event reports who waited, this caller included.
+        try:
+            if timed_out:
+                self._report_timeout(waited)
+        finally:
+            next(self.waits_finished)
+
+    def returned_notably(
+        self, entry: CheckoutEntry, route: str, held: float, reclaimed: bool, flagged: bool
+    ) -> None:
+        """A checkin worth telling someone about: the garbage collector returned it, or it was held
+        past the leak threshold (flagged by the sweeper while out, or crossed since its last pass).
+
+        Counting a leak here too means every checkout held too long is counted exactly once,
+        however short the time between crossing the threshold and being returned.
+        """
+        late_leak = not flagged and 0 < self.leak_threshold < held
+        with self.lock:
+            if reclaimed:
+                bump(self.gc_reclaimed, route)
+            if late_leak:
+                bump(self.leaks, route)
+        if late_leak:
+            self._report_leak(entry, route, held)
+        if reclaimed:
+            site, function = describe_site(entry.site)
+            _emit_in(entry, GcReclaimed(self.name, route, held, site, function, _stack_text(entry)))
+        elif flagged or late_leak:
+            site, function = describe_site(entry.site)
+            _emit_in(entry, LeakReturned(self.name, route, held, site, function))
+
+    # -- connection lifecycle (not per checkout) ------------------------------------------------
+
+    def connected(self, seconds: float) -> None:
+        with self.lock:
+            self.connects += 1
+            self.connect_time.observe(seconds)
+
+    def disconnected(self) -> None:
+        with self.lock:
+            self.disconnects += 1
+
+    def invalidated(self, reason: str) -> None:
+        with self.lock:
+            bump(self.invalidations, reason)
+
+    def pre_ping_failed(self, error: str) -> None:
+        with self.lock:
+            self.pre_ping_failures += 1
+        emit(PrePingFailed(self.name, error))
+
+    # -- statements -----------------------------------------------------------------------------
+
+    def query_failed(self, operation: str, error: str) -> None:
+        with self.lock:
+            bump(self.query_errors, (operation, error))
+
+    # -- leak sweep -----------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Flag and count checkouts that crossed the leak threshold since the last sweep."""
+        threshold = self.leak_threshold
+        if threshold <= 0:
+            return
+        now = perf_counter()
+        open_checkouts = self.open_checkouts
+        leaked = self.leaked_records
+        crossed: list[CheckoutEntry] = []
+        with self.lock:
+            for entry in list(open_checkouts.values()):
+                record = entry[5]
+                # Claimed only while this very checkout is still out, with no call between the
+                # test and the claim: a checkin (on another thread, or nested here by the garbage
+                # collector) either finds it claimed or has already counted it itself.
+                if (
+                    now - entry[0] > threshold
+                    and record not in leaked
+                    and record in open_checkouts
+                    and open_checkouts[record] is entry
+                ):
+                    leaked.add(record)
+                    crossed.append(entry)
+        for entry in crossed:
+            entry = CheckoutEntry(*entry)
+            route = route_label(entry.request)
+            with self.lock:
+                bump(self.leaks, route)
+            self._report_leak(entry, route, now - entry.started)
+
+    def _report_leak(self, entry: CheckoutEntry, route: str, held: float) -> None:
+        site, function = describe_site(entry.site)
+        leak = LeakDetected(self.name, route, held, self.leak_threshold, site, function, _stack_text(entry))
+        _emit_in(entry, leak)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def live_checkouts(self) -> LiveCheckouts:
+        now = perf_counter()
+        with self.lock:
+            starts = [entry[0] for entry in list(self.open_checkouts.values())]
+        if not starts:
+            return LiveCheckouts()
+        threshold = self.leak_threshold
+        ages = [now - s for s in starts]
+        leaked = sum(1 for age in ages if age > threshold) if threshold > 0 else 0
+        return LiveCheckouts(count=len(ages), oldest_age=max(ages), leaked=leaked)
+
+    def snapshot(self) -> RecorderSnapshot:
+        with self.lock:
+            snapshot = RecorderSnapshot(
+                checkouts=self.checkouts,
+                checkins=self.checkins,
+                connects=self.connects,
+                disconnects=self.disconnects,
+                timeouts=self.timeouts,
+                pre_ping_failures=self.pre_ping_failures,
+                pending=self.pending,
+                invalidations=copy_counts(self.invalidations),
+                leaks=copy_counts(self.leaks),
+                gc_reclaimed=copy_counts(self.gc_reclaimed),
+                after_response=copy_counts(self.after_response),
+                query_errors=copy_counts(self.query_errors),
+                wait=self.wait.copy(),
+                connect_time=self.connect_time.copy(),
+                use=copy_histograms(self.use),
+                query=copy_histograms(self.query),
+            )
+        snapshot.live = self.live_checkouts()
+        return snapshot
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def count_after_response(self, route: str) -> None:
+        with self.lock:
+            bump(self.after_response, route)
+
+    def use_histogram(self, route: str) -> Histogram:
+        """The hold-time histogram of ``route``, made on its first checkin."""
+        with self.lock:
+            histogram = self.use.get(route)
+            if histogram is None:
+                histogram = self.use[route] = Histogram()
+            return histogram
+
+    def _report_timeout(self, waited: float) -> None:
+        pool = self.pool
+        timeout = PoolTimeout(
+            pool=self.name,
+            seconds_waited=waited,
+            pool_size=_call(pool, "size"),
+            max_overflow=getattr(pool, "_max_overflow", None),
+            overflow=max(0, _call(pool, "overflow") or 0),
+            checked_out=_call(pool, "checkedout"),
+            callers_waiting=self.pending,
+        )
+        emit(timeout)
+
+
+K = TypeVar("K")
+
+
+def bump(counts: dict[K, int], key: K) -> None:
+    """``counts[key] += 1``, in two steps with no call inside either: a checkin that the garbage
+    collector nests here finds the count whole, and its own increment is never lost."""
+    if key not in counts:
+        counts[key] = 0
+    counts[key] += 1
+
+
+def copy_counts(counts: dict[K, int]) -> dict[K, int]:
+    """A copy safe against a nested checkin adding a key meanwhile (see the module docstring)."""
+    return dict(zip(list(counts), list(counts.values()), strict=False))
+
+
+def copy_histograms(histograms: dict[str, Histogram]) -> dict[str, HistogramCopy]:
+    return {
+        key: histogram.copy()
+        for key, histogram in zip(list(histograms), list(histograms.values()), strict=False)
+    }
+
+
+def _emit_in(entry: CheckoutEntry, event: Event) -> None:
+    """Emit inside the contextvars of the checkout (structlog's bound request id, say), a copy of
+    them: two threads may report one entry."""
+    if entry.context is None:
+        emit(event)
+    else:
+        entry.context.copy().run(emit, event)
+
+
+def _stack_text(entry: CheckoutEntry) -> str | None:
+    return None if entry.stack is None else "".join(entry.stack.format())
+
+
+def _call(pool: Any, method: str) -> Any:
+    function: Callable[[], Any] | None = getattr(pool, method, None)
+    return function() if callable(function) else None

@@ -1,0 +1,153 @@
+"""PoolWatchMiddleware's ASGI part: serves metrics and health, and tells checkouts their request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from .._log import internal_errors, logger
+from .._record.context import RequestContext, current_request
+from .exposition import serve_metrics
+from .health import HealthEndpoints
+from .http import ASGIApp, Message, Receive, Scope, Send
+from .watched import Watched
+
+Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def route_path(scope: Scope) -> str:
+    """The path as the app's router sees it: without the prefix of a Mount the app sits under.
+
+    Starlette keeps the full path in ``scope["path"]`` and the mount prefix in ``root_path``
+    (its own ``get_route_path``, which is private, does the same).
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if not root_path or not path.startswith(root_path):
+        return path
+    rest = path[len(root_path) :]
+    if not rest or rest.startswith("/"):
+        return rest
+    return path
+
+
+def application_routes(scope: Scope, path: str) -> bool:
+    """Whether the Starlette/FastAPI app in ``scope`` has a route of its own at ``path``.
+
+    Only a route or Mount whose literal path is ``path`` counts (``/metrics`` served by a
+    ``Route`` or ``app.mount("/metrics", make_asgi_app())``); a catch-all such as
+    ``/{path:path}`` does not claim poolwatch's paths.
+    """
+    from starlette.routing import Match
+
+    router = getattr(scope.get("app"), "router", None)
+    routes = getattr(router, "routes", None)
+    if not routes:
+        return False
+    wanted = path.rstrip("/")
+    root_path = scope.get("root_path", "")
+    for candidate in (path, wanted + "/"):
+        probe = dict(scope, path=root_path + candidate)
+        for route in routes:
+            literal = getattr(route, "path", None)  # a Mount's own prefix, a Route's template
+            if not isinstance(literal, str) or "{" in literal or literal.rstrip("/") != wanted:
+                continue
+            match, _ = route.matches(probe)
+            if match != Match.NONE:
+                return True
+    return False
+
+
+class Middleware:
+    """The ASGI part of ``PoolWatchMiddleware``, which builds the PoolWatch (``poolwatch._wiring``)."""
+
+    def __init__(self, app: ASGIApp, watch: Watched) -> None:
+        self.app = app
+        self.watch = watch
+        config = watch.settings
+        health = HealthEndpoints(watch)
+        # Sidecar mode: these paths are served on metrics_port only; here they reach the app. A
+        # path set to None is not served at all (the application exposes the registry itself).
+        candidates: dict[str | None, Endpoint] = (
+            {}
+            if config.metrics_port is not None
+            else {
+                config.metrics_path: self._serve_metrics,
+                config.health_db_path: health.db,
+                config.health_live_path: health.live,
+            }
+        )
+        self._endpoints: dict[str, Endpoint] = {
+            path: endpoint for path, endpoint in candidates.items() if path is not None
+        }
+        # Per path: does the application have a route there itself? Decided on first use, when
+        # the app (scope["app"]) and its routes are known; an application's own endpoint wins.
+        self._app_owns: dict[str, bool] = {}
+        self._loop_seen = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._loop_seen:
+            self._note_loop()
+        kind = scope["type"]
+        if kind == "http":
+            path = route_path(scope)
+            endpoint = self._endpoints.get(path)
+            if endpoint is not None:
+                owned = self._app_owns.get(path)
+                if owned is None:
+                    owned = self._app_owns[path] = self._application_serves(scope, path)
+                if not owned:
+                    await endpoint(scope, receive, send)
+                    return
+        elif kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        context = RequestContext(scope)
+        token = current_request.set(context)
+
+        async def send_and_note_response(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                context.response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_response)
+        finally:
+            current_request.reset(token)
+            try:
+                self.watch.requests.request_finished(context.route, context.queries)
+            except Exception as error:
+                internal_errors.record("request_finished", error)
+
+    def _application_serves(self, scope: Scope, path: str) -> bool:
+        """Whether the application routes ``path`` itself (its own ``/metrics``, say)."""
+        try:
+            owned = application_routes(scope, path)
+        except Exception as error:
+            internal_errors.record("route_clash", error)
+            return False
+        if owned:
+            setting = next(
+                (name for name in ("metrics_path", "health_db_path", "health_live_path")
+                 if getattr(self.watch.settings, name) == path),
+                "metrics_path",
+            )  # fmt: skip
+            logger.warning(
+                "poolwatch.path_taken",
+                path=path,
+                setting=setting,
+                detail=f"the application serves {path} itself, so poolwatch leaves it alone; set "
+                f"{setting} (POOLWATCH_{setting.upper()}) to another path to serve poolwatch's, "
+                "or to None if the application's endpoint already exposes poolwatch's registry",
+            )
+        return owned
+
+    def _note_loop(self) -> None:
+        # The sidecar runs health endpoints on the app's loop (async engines' connections are
+        # bound to it); the first lifespan or request event tells us which loop that is.
+        self._loop_seen = True
+        self.watch.app_loop = asyncio.get_running_loop()
+
+    async def _serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_metrics(self.watch.registry, scope, receive, send, self.watch.direct_collector)

@@ -1,0 +1,620 @@
+"""The database probe behind ``/health/db``: one checkout from the pool, one ping, single-flight.
+
+Why it is shaped like this:
+
+- Only ``pool.connect()`` is used, so the probe never opens a connection the pool does not own,
+  and the dialect's own ``do_ping`` is called through the class (not the instance), so a failed
+  probe is not counted as a pre-ping failure by poolwatch's dialect wrapper.
+- One probe per pool at a time, process-wide (the state is keyed by the pool's recorder), and its
+  result is reused for ``health_cache_seconds``: a herd of probes costs one checkout.
+- The probe's checkouts are filed under the route ``PROBE_ROUTE`` (``<probe>``), not ``<none>``,
+  so its connection use never reads as the application's work outside requests.
+- Async engines are probed by a task on the caller's event loop that is cancelled at the deadline,
+  again and again until it is gone: SQLAlchemy closes an invalidated asyncpg connection gracefully
+  (shielded, up to 2 s) when it is inside a greenlet, and only a second cancellation cuts that
+  short. Our own clean-up runs outside the greenlet, where invalidation terminates at once.
+- Sync engines cannot be interrupted, so their probe runs in a daemon thread; a probe that
+  overran its deadline answers ``down`` at once and is *hung* while its thread runs on.
+
+A full pool is never probed (the probe would queue behind the application). Its verdict comes
+from whether the pool still hands out connections, read from the recorder's checkout counter:
+
+- A checkout completes only once a caller holds a connection. Callers stuck opening a connection
+  or in pre-ping hold a slot and count among ``pending``, but complete nothing; a black-holed
+  database therefore shows as a full pool whose counter stands still, however many callers wait.
+- Each health check notes the counter and when it was seen; a check that cannot tell from those
+  notes watches the counter until its deadline. A connection handed out within the last deadline
+  means the pool is flowing: ``saturated`` with callers queued for a slot (``pending`` minus the
+  callers holding a slot inside ``connect``), ``ok`` without. None within the deadline means
+  ``down`` (error ``stalled``). With nobody queued a fresh probe result stands for its cache
+  period, never longer.
+
+A hung sync probe never holds the pool's status after the database is back: once the cache has
+expired, a fresh probe starts beside it when the pool has shown signs of life since the hung one
+overran (a connection returned to it or a new one opened: the application's own requests are
+getting through), or, with no traffic at all, when the hung one is older than
+``_HUNG_RETRY_SECONDS``. At most ``_MAX_RUNNING`` probes per pool are ever running, and retries
+by age alone leave the last of those for a retry on signs of life. Drivers with a connect timeout
+(psycopg: ``connect_args={"connect_timeout": 5}``) keep probes from hanging in the first place.
+
+Pool classes (SQLAlchemy's own, and their subclasses):
+
+- ``QueuePool``, ``AsyncAdaptedQueuePool`` (and 2.0's ``FallbackAsyncAdaptedQueuePool``) and
+  ``NullPool``: probed as above. The probe's connection is its own while checked out, so
+  invalidating it after a failed ping touches nothing of the application's; ``NullPool`` opens
+  and closes a connection per probe, as it does for every caller.
+- ``SingletonThreadPool``: never probed. It keeps one connection per thread and closes arbitrary
+  other threads' connections (in use or not) when a new thread pushes it past ``pool_size``; a
+  probe always runs on a thread of its own, so it would close the application's connections (and
+  on a SQLite ``:memory:`` database it would ping a different, empty database anyway).
+- ``StaticPool``: never probed. Its one connection is shared by every caller at once: a probe
+  would use it concurrently with the application, its check-in would roll back the application's
+  open transaction, and a failed ping would invalidate the connection everyone shares.
+- ``AssertionPool``: never probed. It allows one checkout at a time and raises in whichever caller
+  asks second, so a probe while the application holds the connection fails, and a probe holding
+  it makes the application's own checkout raise.
+A pool that is never probed answers ``ok`` from its state alone: nothing about it can be checked
+without disturbing the application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
+from sqlalchemy.util import greenlet_spawn
+
+from .._log import internal_errors
+from .._record.context import RequestContext, current_request
+from .collector import PoolState, read_pool_state
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import Pool
+
+    from .._record.recorder import PoolRecorder
+
+Status = Literal["ok", "down", "saturated"]
+
+# The route label of the probe's own checkouts, beside ``<none>`` and ``<unmatched>``.
+PROBE_ROUTE = "<probe>"
+
+monotonic = time.monotonic
+
+# After the deadline, how often a probe task is cancelled again until it has finished, and for how
+# long at most (a task that survives this is a bug somewhere; it is counted, not waited for).
+_RECANCEL_EVERY = 0.05
+_RECANCEL_FOR = 5.0
+# A ping that fails on a pooled connection may only mean that connection died (a restarted
+# server, pg_terminate_backend, an idle timeout); like pre-ping, try once more on a fresh one
+# before calling the database down. Both attempts share the one deadline.
+_ATTEMPTS = 2
+# How often a check of a full pool looks at the checkout counter while it waits for a sign of flow.
+_WATCH_EVERY = 0.01
+# Probes of one pool whose thread or task is still running (hung ones included): never more.
+_MAX_RUNNING = 3
+# With no sign of life, a hung probe gets company after this long, for readiness probes whose
+# failure keeps all traffic (and so every sign of life) away from the pod.
+_HUNG_RETRY_SECONDS = 30.0
+
+# Pools a probe cannot use without disturbing the application (see the module docstring).
+_NEVER_PROBED = (SingletonThreadPool, StaticPool, AssertionPool)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    status: Status
+    latency: float | None
+    # An exception class name, "timeout" or "stalled"; never an exception's message, which can
+    # name a host, a user or a statement.
+    error: str | None
+    finished_at: float
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    """One pool's answer for one request: the probe result (if any) and the pool's state now."""
+
+    status: Status
+    latency: float | None
+    error: str | None
+    state: PoolState
+    pending: int
+    # Set when the answer comes from the pool's state alone, saying why no probe ran.
+    not_probed: str | None = None
+
+
+# Why an AsyncEngine is not probed when nothing tells poolwatch which event loop owns its
+# connections (sidecar mode with watch() called outside a running loop): an asyncpg connection
+# used from another loop or thread breaks the application's own work on it.
+NO_OWNING_LOOP = "skipped: no running event loop known to own this AsyncEngine's connections"
+
+
+def never_probed(pool: Pool | None) -> bool:
+    """Whether this pool's class cannot be probed without disturbing the application."""
+    return isinstance(pool, _NEVER_PROBED)
+
+
+class _Flow:
+    """What health checks have seen of the pool's checkout counter, and when."""
+
+    __slots__ = ("changed_after", "count", "same_since", "seen_at")
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+        # When the counter was last read.
+        self.seen_at = -math.inf
+        # No checkout completed from this instant to ``seen_at``.
+        self.same_since = -math.inf
+        # The last checkout seen completed after this instant (the read before the one that saw it).
+        self.changed_after = -math.inf
+
+    def observe(self, count: int, now: float) -> None:
+        if count != self.count:
+            self.changed_after = self.seen_at
+            self.same_since = now
+            self.count = count
+        self.seen_at = now
+
+    def verdict(self, now: float, window: float) -> bool | None:
+        """True: a connection was handed out within ``window``; False: none was; None: unknown."""
+        if now - self.changed_after <= window:
+            return True
+        if now - self.same_since >= window:
+            return False
+        return None
+
+
+class _Flight:
+    """One probe under way."""
+
+    def __init__(self, started: float, deadline_at: float, checkouts: int) -> None:
+        self.started = started
+        # The launching caller's own deadline: it waits exactly this long, then gives the verdict
+        # (and notes the signs of life) on the spot.
+        self.deadline_at = deadline_at
+        self.done: concurrent.futures.Future[ProbeResult] = concurrent.futures.Future()
+        # While True the probe is itself one of the pool's callers inside ``connect``.
+        self.in_checkout = False
+        # The pool's checkout counter when the probe began: more since means others got theirs.
+        self.checkouts_at_start = checkouts
+        # (checkins, connects) when the probe was found past its deadline: more of either since
+        # is a sign of life from the application's own traffic.
+        self.signs: tuple[int, int] | None = None
+
+
+class _PoolProbeState:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.result: ProbeResult | None = None
+        # The newest probe (it may be past its deadline); older hung ones are only in ``running``.
+        self.flight: _Flight | None = None
+        # Every probe whose thread or task has not returned; at most _MAX_RUNNING.
+        self.running: set[_Flight] = set()
+        self.flow = _Flow()
+        # What /health/db last said about this pool; "ok" until told otherwise, so a first
+        # failure is logged and a first success is not.
+        self.reported: Status = "ok"
+
+
+_states: weakref.WeakKeyDictionary[PoolRecorder, _PoolProbeState] = weakref.WeakKeyDictionary()
+_states_lock = threading.Lock()
+# Probe tasks are kept alive here: the event loop itself only holds weak references to tasks.
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def probe_state(recorder: PoolRecorder) -> _PoolProbeState:
+    with _states_lock:
+        state = _states.get(recorder)
+        if state is None:
+            state = _states[recorder] = _PoolProbeState()
+        return state
+
+
+def probe_in_flight(recorder: PoolRecorder) -> bool:
+    """Whether a probe of this pool is under way (a thread or task of one has not finished)."""
+    return probes_running(recorder) > 0
+
+
+def probes_running(recorder: PoolRecorder) -> int:
+    """How many probes of this pool have a thread or task still running (hung ones included)."""
+    state = probe_state(recorder)
+    with state.lock:
+        return len(state.running)
+
+
+async def check_pool(
+    recorder: PoolRecorder,
+    deadline_at: float,
+    deadline: float,
+    cache_seconds: float,
+    *,
+    probe: bool = True,
+) -> PoolHealth:
+    """This pool's health, answered by ``deadline_at`` (a ``time.monotonic()`` instant).
+
+    With ``probe=False`` the answer comes from the pool's state alone (see ``NO_OWNING_LOOP``).
+    """
+    probes = probe_state(recorder)
+    live = recorder.live_checkouts().count
+    state = read_pool_state(recorder, live)
+    if never_probed(recorder.pool):
+        return PoolHealth("ok", None, None, state, recorder.pending)
+    with probes.lock:
+        probes.flow.observe(recorder.checkouts, monotonic())
+    if state.max is not None and state.used >= state.max:
+        # A full pool is judged by whether connections still flow; it is never probed.
+        queued = _queued(recorder, probes, state, live)
+        result = await _full_pool_result(recorder, probes, queued, deadline_at, deadline, cache_seconds)
+    elif not probe:
+        return PoolHealth("ok", None, None, state, recorder.pending, not_probed=NO_OWNING_LOOP)
+    else:
+        result = await _probe_result(recorder, probes, deadline_at, deadline, cache_seconds)
+    after = read_state(recorder)
+    return PoolHealth(result.status, result.latency, result.error, after, _others_pending(recorder, probes))
+
+
+def _others_pending(recorder: PoolRecorder, probes: _PoolProbeState) -> int:
+    """Callers inside ``Pool.connect``, not counting a probe of ours still stuck in its checkout."""
+    pending = recorder.pending
+    return max(0, pending - 1) if _probe_in_checkout(probes) else pending
+
+
+def _probe_in_checkout(probes: _PoolProbeState) -> bool:
+    with probes.lock:
+        flight = probes.flight
+        return flight is not None and flight.in_checkout
+
+
+def _queued(recorder: PoolRecorder, probes: _PoolProbeState, state: PoolState, live: int) -> int:
+    """Callers queued for a slot: those inside ``connect`` minus those already holding one.
+
+    A caller opening a connection or pre-pinging one holds a slot (the pool counts it as checked
+    out) but has not completed its checkout yet, so it is not in the table of live checkouts.
+    """
+    holding = max(0, state.used - live)
+    queued = max(0, recorder.pending - holding)
+    # A probe of ours in its checkout without a slot is queued itself; one holding a slot (while
+    # it connects) is already out of both counts.
+    if holding == 0 and _probe_in_checkout(probes):
+        queued = max(0, queued - 1)
+    return queued
+
+
+def read_state(recorder: PoolRecorder) -> PoolState:
+    return read_pool_state(recorder, recorder.live_checkouts().count)
+
+
+def note_reported(recorder: PoolRecorder, status: Status) -> Status | None:
+    """Remember the status last reported for this pool; return the previous one if it changed."""
+    probes = probe_state(recorder)
+    with probes.lock:
+        previous = probes.reported
+        probes.reported = status
+    return previous if previous != status else None
+
+
+def _fresh(result: ProbeResult | None, now: float, cache_seconds: float) -> bool:
+    # A saturated verdict is not reused: the pool's own state says at once when it has passed.
+    return result is not None and result.status != "saturated" and now - result.finished_at < cache_seconds
+
+
+async def _full_pool_result(
+    recorder: PoolRecorder,
+    probes: _PoolProbeState,
+    queued: int,
+    deadline_at: float,
+    deadline: float,
+    cache_seconds: float,
+) -> ProbeResult:
+    """A pool with every connection out: probing would mean queueing, so watch the flow instead."""
+    now = monotonic()
+    joined: _Flight | None = None
+    with probes.lock:
+        if queued == 0:
+            cached = probes.result
+            if cached is not None and _fresh(cached, now, cache_seconds):
+                return cached
+            # The slot that fills the pool may be our own probe's: its answer is due by its deadline.
+            flight = probes.flight
+            if flight is not None and now < flight.deadline_at:
+                joined = flight
+    if joined is not None:
+        return await _await_flight(recorder, probes, joined, deadline_at)
+    if await _watch_flow(recorder, probes, deadline_at, deadline):
+        return ProbeResult("saturated" if queued else "ok", None, None, monotonic())
+    return ProbeResult("down", None, "stalled", monotonic())
+
+
+async def _watch_flow(
+    recorder: PoolRecorder, probes: _PoolProbeState, deadline_at: float, window: float
+) -> bool:
+    """Whether the pool handed out a connection within ``window``, watching until ``deadline_at``."""
+    with probes.lock:
+        probes.flow.observe(recorder.checkouts, monotonic())
+        known = probes.flow.verdict(monotonic(), window)
+        start = probes.flow.count
+    if known is not None:
+        return known
+    # Reading an int is all this costs; a herd of checks each polls, none of them queues.
+    while recorder.checkouts == start and (remaining := deadline_at - monotonic()) > 0:
+        await asyncio.sleep(min(_WATCH_EVERY, remaining))
+    count = recorder.checkouts
+    with probes.lock:
+        probes.flow.observe(count, monotonic())
+    return count != start
+
+
+async def _probe_result(
+    recorder: PoolRecorder,
+    probes: _PoolProbeState,
+    deadline_at: float,
+    deadline: float,
+    cache_seconds: float,
+) -> ProbeResult:
+    now = monotonic()
+    current = probes.flight
+    if current is not None and now >= current.deadline_at and not current.done.done():
+        # Give the overrun probe its verdict (and note the signs of life) before deciding on it.
+        _settle_overrun(recorder, probes, current)
+    with probes.lock:
+        cached = probes.result
+        if cached is not None and _fresh(cached, now, cache_seconds):
+            return cached
+        flight = probes.flight
+        if flight is not None and now >= flight.deadline_at:
+            if not _may_retry(recorder, probes, flight, now):
+                # The hung probe is still the answer: down, as of its deadline.
+                return flight.done.result() if flight.done.done() else _timeout(flight)
+            flight = None  # it runs on; a fresh probe takes its place
+        if flight is None:
+            engine = recorder.engine
+            if engine is None:
+                return ProbeResult("down", None, "EngineGone", now)
+            flight = _Flight(now, min(deadline_at, now + deadline), recorder.checkouts)
+            try:
+                _launch(engine, recorder, probes, flight)
+            except Exception as error:
+                internal_errors.record("probe_launch", error)
+                return ProbeResult("down", None, "internal", now)
+            probes.flight = flight
+            probes.running.add(flight)
+    return await _await_flight(recorder, probes, flight, deadline_at)
+
+
+async def _await_flight(
+    recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight, deadline_at: float
+) -> ProbeResult:
+    wait = min(deadline_at, flight.deadline_at) - monotonic()
+    if wait > 0 and not flight.done.done():
+        waiter = asyncio.wrap_future(flight.done)
+        # asyncio.wait, not wait_for: the shared flight must not be cancelled by one impatient caller.
+        await asyncio.wait([waiter], timeout=wait)
+    if flight.done.done():
+        return flight.done.result()
+    now = monotonic()
+    if deadline_at < flight.deadline_at:  # this caller's own deadline came first
+        return ProbeResult("down", None, "timeout", now)
+    # Compared as deadlines, not clock readings: the loop may wake a hair before the instant.
+    return _settle_overrun(recorder, probes, flight)
+
+
+def _may_retry(recorder: PoolRecorder, probes: _PoolProbeState, hung: _Flight, now: float) -> bool:
+    """Whether a fresh probe may start beside ``hung``, an overrun one still running.
+
+    Caller holds ``probes.lock``.
+    """
+    running = len(probes.running)
+    if running >= _MAX_RUNNING:
+        return False
+    signs = hung.signs
+    if signs is not None and (recorder.checkins > signs[0] or recorder.connects > signs[1]):
+        return True
+    return running < _MAX_RUNNING - 1 and now - hung.started >= _HUNG_RETRY_SECONDS
+
+
+def _timeout(flight: _Flight) -> ProbeResult:
+    # As of the deadline, so a verdict given late is not cached for longer than one given on time.
+    return ProbeResult("down", None, "timeout", flight.deadline_at)
+
+
+def _overrun_verdict(recorder: PoolRecorder, flight: _Flight) -> ProbeResult:
+    """What a probe that missed its deadline says about the pool."""
+    if flight.in_checkout and recorder.checkouts > flight.checkouts_at_start:
+        # It was queued in the pool while others got connections: if the pool is still full,
+        # that is a busy pool, not a dead database.
+        state = read_state(recorder)
+        if state.max is not None and state.used >= state.max:
+            return ProbeResult("saturated", None, None, flight.deadline_at)
+    return _timeout(flight)
+
+
+def _settle_overrun(recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight) -> ProbeResult:
+    """Give an overrun probe its verdict once; every later caller gets the same."""
+    if flight.done.done():
+        return flight.done.result()
+    try:
+        result = _overrun_verdict(recorder, flight)
+    except Exception as error:
+        internal_errors.record("probe_overrun", error)
+        result = _timeout(flight)
+    with probes.lock:
+        return _settle(probes, flight, result, (recorder.checkins, recorder.connects))
+
+
+def _settle(
+    probes: _PoolProbeState, flight: _Flight, result: ProbeResult, signs: tuple[int, int] | None
+) -> ProbeResult:
+    """Record a flight's result unless it has one already; caller holds ``probes.lock``."""
+    if flight.done.done():
+        return flight.done.result()
+    flight.done.set_result(result)
+    if signs is not None:
+        flight.signs = signs
+    # A probe that another has replaced no longer speaks for the pool.
+    if probes.flight is flight:
+        probes.result = result
+    return result
+
+
+def _launch(engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight) -> None:
+    """Start the probe; caller holds ``probes.lock``."""
+    if engine.dialect.is_async:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(_run_async(engine, recorder, probes, flight))
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+        loop.call_later(flight.deadline_at - monotonic(), _cancel_until_done, task, monotonic())
+    else:
+        thread = threading.Thread(
+            target=_run_sync,
+            args=(engine, recorder, probes, flight),
+            name=f"poolwatch-probe-{recorder.name}",
+            daemon=True,
+        )
+        thread.start()
+
+
+def _cancel_until_done(task: asyncio.Task[None], first: float) -> None:
+    if task.done():
+        return
+    if monotonic() - first > _RECANCEL_FOR:
+        internal_errors.record("probe_cancel", RuntimeError("probe task ignores cancellation"))
+        return
+    task.cancel()
+    task.get_loop().call_later(_RECANCEL_EVERY, _cancel_until_done, task, first)
+
+
+def _probe_context() -> RequestContext:
+    """The request context the probe's checkouts run in, so they are filed under ``<probe>``."""
+    context = RequestContext({"type": "poolwatch.probe"})
+    context.resolved_route = PROBE_ROUTE
+    return context
+
+
+def _checkout(pool: Pool) -> Any:
+    # A frame of our own between the greenlet's root and pool.connect: the checkout hook looks
+    # two frames up for the borrow site, and a greenlet's stack ends right here.
+    return pool.connect()
+
+
+def _ping(engine: Engine, dbapi_connection: Any) -> bool:
+    dialect = engine.dialect
+    # Through the class: the instance's do_ping is poolwatch's pre-ping counter.
+    return bool(type(dialect).do_ping(dialect, dbapi_connection))
+
+
+def _discard(fairy: Any) -> None:
+    """Throw away a connection the probe may have left mid-conversation, without waiting on it."""
+    try:
+        fairy.invalidate()
+    except Exception as error:
+        internal_errors.record("probe_invalidate", error)
+    try:
+        fairy.close()
+    except Exception as error:
+        internal_errors.record("probe_checkin", error)
+
+
+async def _run_async(
+    engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight
+) -> None:
+    # The task runs in a copy of its creator's context: this label stays with the probe.
+    current_request.set(_probe_context())
+    started = monotonic()
+    pool = engine.pool
+    error: str | None = None
+    alive = False
+    try:
+        for attempt in range(_ATTEMPTS):
+            flight.in_checkout = True
+            fairy = await greenlet_spawn(_checkout, pool)
+            flight.in_checkout = False
+            try:
+                alive = await greenlet_spawn(_ping, engine, fairy.dbapi_connection)
+            except Exception:
+                _discard(fairy)
+                if attempt + 1 == _ATTEMPTS:
+                    raise
+                continue
+            except BaseException:
+                _discard(fairy)
+                raise
+            if alive:
+                await greenlet_spawn(fairy.close)
+                break
+            _discard(fairy)
+    except asyncio.CancelledError:
+        error = "timeout"
+    except Exception as failure:
+        error = type(failure).__name__
+    finally:
+        _finish(recorder, probes, flight, started, alive, error)
+
+
+def _run_sync(engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight) -> None:
+    # A new thread starts with an empty context: the label is set for this thread alone.
+    current_request.set(_probe_context())
+    started = monotonic()
+    error: str | None = None
+    alive = False
+    try:
+        for attempt in range(_ATTEMPTS):
+            flight.in_checkout = True
+            fairy: Any = engine.pool.connect()
+            flight.in_checkout = False
+            try:
+                alive = _ping(engine, fairy.dbapi_connection)
+            except Exception:
+                _discard(fairy)
+                if attempt + 1 == _ATTEMPTS:
+                    raise
+                continue
+            except BaseException:
+                _discard(fairy)
+                raise
+            if alive:
+                fairy.close()
+                break
+            _discard(fairy)
+    except Exception as failure:
+        error = type(failure).__name__
+    finally:
+        _finish(recorder, probes, flight, started, alive, error)
+
+
+def _finish(
+    recorder: PoolRecorder,
+    probes: _PoolProbeState,
+    flight: _Flight,
+    started: float,
+    alive: bool,
+    error: str | None,
+) -> None:
+    signs: tuple[int, int] | None = None
+    try:
+        now = monotonic()
+        if now > flight.deadline_at:
+            # Answered (or due) as of the deadline; whatever it found since comes too late.
+            result = _overrun_verdict(recorder, flight)
+            signs = (recorder.checkins, recorder.connects)
+        elif alive:
+            result = ProbeResult("ok", now - started, None, now)
+        else:
+            result = ProbeResult("down", None, error or "PingReturnedFalse", now)
+    except Exception as failure:
+        internal_errors.record("probe_finish", failure)
+        result = ProbeResult("down", None, "internal", monotonic())
+    with probes.lock:
+        flight.in_checkout = False
+        _settle(probes, flight, result, signs)
+        probes.running.discard(flight)
+        if probes.flight is flight:
+            probes.flight = None
