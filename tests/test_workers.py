@@ -3,7 +3,8 @@
 Real servers (uvicorn, gunicorn with uvicorn's worker class, ``fastapi run``) on a free loopback
 port, serving a tiny FastAPI app that instruments an embedded SQLite engine and logs through plain
 stdlib ``logging``. Each app process prints a marker once poolwatch is set up, so the tests wait for
-every worker to have started, then read what the server printed. The warning comes once per worker
+every worker to have started, then read what the server printed. The markers are files, one per
+process, not lines on the shared output: two processes printing at once can splice their lines. The warning comes once per worker
 process (each worker decides for itself; they share nothing at start-up).
 """
 
@@ -29,7 +30,6 @@ from poolwatch._serve import workers as _workers
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENT = "poolwatch.multiworker_without_directory"
-LOADED = re.compile(r"^app-loaded pid=(\d+)$", re.MULTILINE)
 WARNING = re.compile(rf"^WARNING poolwatch (\d+) {re.escape(EVENT)} (.*)$", re.MULTILINE)
 
 APP = """
@@ -48,7 +48,8 @@ app = FastAPI()
 poolwatch.instrument(app, engine, name="app")
 # A second PoolWatch in the same process: still one warning per process.
 poolwatch.watch(sa.create_engine("sqlite://"), registry=CollectorRegistry(), name="other")
-print(f"app-loaded pid={os.getpid()}", flush=True)
+# The marker is a file of its own: lines printed by two workers at once can be spliced together.
+open(os.path.join(os.environ["LOADED_DIR"], str(os.getpid())), "w").close()
 """
 
 # What `fastapi run --workers N` does underneath, with the count given in code instead.
@@ -113,6 +114,9 @@ def start(tmp_path: Path) -> Iterator[object]:
             if name not in (extra_env or {}):
                 env.pop(name, None)
         log_path = tmp_path / f"{kind}-{workers}-{len(processes)}.log"
+        loaded_dir = tmp_path / f"loaded-{len(processes)}"
+        loaded_dir.mkdir()
+        env["LOADED_DIR"] = str(loaded_dir)
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 commands[kind], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -122,7 +126,7 @@ def start(tmp_path: Path) -> Iterator[object]:
         deadline = time.monotonic() + 60
         while True:
             output = log_path.read_text(errors="replace")
-            loaded = {int(pid) for pid in LOADED.findall(output)}
+            loaded = {int(marker.name) for marker in loaded_dir.iterdir()}
             if len(loaded) >= (loads or workers):
                 break
             assert process.poll() is None, f"{kind} exited with {process.returncode}:\n{output}"
