@@ -259,7 +259,7 @@ class OtelBridge:
     def _observe_timeouts(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        return [Observation(s.timeouts, _pool(r)) for r, s in self._snapshots]
+        return [Observation(sum(s.timeouts.values()), _pool(r)) for r, s in self._snapshots]
 
     def _refresh(self) -> None:
         with self._lock:
@@ -269,8 +269,9 @@ class OtelBridge:
                 name = recorder.name
                 self._replay(self._create_time, ("create", name, ""), snap.connect_time.cumulative(), pool)
                 self._replay(self._wait_time, ("wait", name, ""), snap.wait.cumulative(), pool)
-                for route, copy in snap.use.items():
-                    self._replay(self._use_time, ("use", name, route), copy.cumulative(), pool)
+                # OpenTelemetry's use_time has no route: each route's deltas go to the pool's series.
+                for (route, method), copy in snap.use.items():
+                    self._replay(self._use_time, ("use", name, f"{method} {route}"), copy.cumulative(), pool)
                 for operation, copy in snap.query.items():
                     attributes = {
                         **pool,

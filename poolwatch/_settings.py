@@ -42,6 +42,8 @@ class PoolWatchSettings(BaseSettings):
     leak_threshold_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
     leak_capture_stack: bool = False
     slow_query_seconds: float = Field(1.0, ge=0, allow_inf_nan=False)
+    # One checkout holding its connection this long outside any statement is logged; 0 off.
+    held_idle_seconds: float = Field(5.0, ge=0, allow_inf_nan=False)
     # None (or an empty POOLWATCH_METRICS_PATH) serves nothing there: for an application that
     # exposes the registry itself.
     metrics_path: str | None = "/metrics"
@@ -71,6 +73,7 @@ class PoolWatchSettings(BaseSettings):
     @field_validator(
         "leak_threshold_seconds",
         "slow_query_seconds",
+        "held_idle_seconds",
         "health_deadline_seconds",
         "health_cache_seconds",
         "metrics_port",
@@ -104,6 +107,7 @@ class SettingsKeywords(TypedDict, total=False):
     leak_threshold_seconds: float
     leak_capture_stack: bool
     slow_query_seconds: float
+    held_idle_seconds: float
     metrics_path: str | None
     health_db_path: str | None
     health_live_path: str | None

@@ -43,8 +43,12 @@ class Samples(dict[Key, float]):
     def value(self, name: str, **labels: str) -> float:
         key = (name, frozenset(labels.items()))
         if not super().__contains__(key):
-            raise KeyError(f"no sample {name}{labels}; have {sorted(n for n, _ in self)}")
+            raise KeyError(f"no sample {name}{labels}; have {sorted({n for n, _ in self})}")
         return float(super().__getitem__(key))
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels`` (as ``sum by``)."""
+        return sum(value for _, value in self.find(name, **labels))
 
     def find(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
         """Samples of ``name`` whose labels include ``labels``."""

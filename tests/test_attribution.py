@@ -89,9 +89,12 @@ async def test_route_labels_are_templates_and_do_not_grow_with_paths(
     assert "/users/{user_id}" in routes and "<unmatched>" in routes
     # 500 distinct unknown paths add the <unmatched> series once, not 500 times.
     assert len(samples) - series_after_users <= 30
-    assert samples.value("poolwatch_request_queries_count", route="/users/{user_id}") == 500
-    assert samples.value("poolwatch_request_queries_count", route="<unmatched>") == 500
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}") == 500
+    assert samples.value("poolwatch_request_queries_count", route="/users/{user_id}", method="GET") == 500
+    assert samples.value("poolwatch_request_queries_count", route="<unmatched>", method="GET") == 500
+    assert (
+        samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}", method="GET")
+        == 500
+    )
     assert not any(
         labels.get("route") == "/users/1" or "nope" in labels.get("route", "")
         for (_, labels), _ in samples.items()
@@ -110,16 +113,37 @@ async def test_each_endpoint_shape_gets_its_full_template(
         assert response.status_code == 200, (path, response.text)
     await all_returned(registry)
     samples = scrape(registry)
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}") == 1
-    assert samples.value("poolwatch_use_seconds_count", pool="sync", route="/sync/items/{item_id}") == 1
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/api/v1/orders/{order_id}") == 1
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/admin/reports/{report_id}") == 1
     assert (
-        samples.value("poolwatch_use_seconds_count", pool="async", route="/billing/invoices/{invoice_id}")
+        samples.value("poolwatch_use_seconds_count", pool="async", route="/users/{user_id}", method="GET")
         == 1
     )
     assert (
-        samples.value("poolwatch_use_seconds_count", pool="async", route="/admin/v2/audits/{audit_id}") == 1
+        samples.value("poolwatch_use_seconds_count", pool="sync", route="/sync/items/{item_id}", method="GET")
+        == 1
+    )
+    assert (
+        samples.value(
+            "poolwatch_use_seconds_count", pool="async", route="/api/v1/orders/{order_id}", method="GET"
+        )
+        == 1
+    )
+    assert (
+        samples.value(
+            "poolwatch_use_seconds_count", pool="async", route="/admin/reports/{report_id}", method="GET"
+        )
+        == 1
+    )
+    assert (
+        samples.value(
+            "poolwatch_use_seconds_count", pool="async", route="/billing/invoices/{invoice_id}", method="GET"
+        )
+        == 1
+    )
+    assert (
+        samples.value(
+            "poolwatch_use_seconds_count", pool="async", route="/admin/v2/audits/{audit_id}", method="GET"
+        )
+        == 1
     )
     assert routes_seen(registry) >= TEMPLATES
 
@@ -136,11 +160,11 @@ async def test_n_plus_one_is_counted_per_request(
     await all_returned(registry)
     samples = scrape(registry)
     route = "/nplus1/{count}"
-    assert samples.value("poolwatch_request_queries_count", route=route) == 2
+    assert samples.value("poolwatch_request_queries_count", route=route, method="GET") == 2
     # 1 + 3 and 1 + 10 statements, plus the session's BEGIN-less ROLLBACK is not a statement.
-    assert samples.value("poolwatch_request_queries_sum", route=route) == (1 + 3) + (1 + 10)
-    assert samples.value("poolwatch_request_queries_bucket", route=route, le="4.0") == 1
-    assert samples.value("poolwatch_request_queries_bucket", route=route, le="16.0") == 2
+    assert samples.value("poolwatch_request_queries_sum", route=route, method="GET") == (1 + 3) + (1 + 10)
+    assert samples.value("poolwatch_request_queries_bucket", route=route, method="GET", le="4.0") == 1
+    assert samples.value("poolwatch_request_queries_bucket", route=route, method="GET", le="16.0") == 2
 
 
 async def test_query_timing_and_slow_query_log_without_literals(
@@ -180,8 +204,8 @@ async def test_query_errors_are_counted_by_operation_and_class(
         ({"pool": "async", "operation": "SELECT", "error": "ProgrammingError"}, 1.0)
     ]
     # The failed statement is still one of the request's statements: one good, one failed.
-    assert samples.value("poolwatch_request_queries_count", route="/fail") == 1
-    assert samples.value("poolwatch_request_queries_sum", route="/fail") == 2
+    assert samples.value("poolwatch_request_queries_count", route="/fail", method="GET") == 1
+    assert samples.value("poolwatch_request_queries_sum", route="/fail", method="GET") == 2
     assert "no_such_table" not in repr(samples)
 
 
@@ -222,7 +246,7 @@ async def test_failing_dependency_returns_its_connection(
     assert (await client.get("/broken")).status_code == 500
     await all_returned(registry)
     samples = scrape(registry)
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/broken") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/broken", method="GET") == 1
     assert sum(v for _, v in samples.find("poolwatch_leaks_total")) == 0
     assert sum(v for _, v in samples.find("poolwatch_gc_reclaimed_total")) == 0
 
@@ -237,11 +261,17 @@ async def test_streaming_and_background_work_outlive_the_request(
     assert response.text == "0\n1\n2\n"
     assert (await client.get("/background")).status_code == 200
     await all_returned(registry)
+    # The request is counted when the app returns, after the background task checked in.
+    await wait_until_async(
+        lambda: scrape(registry).find("poolwatch_request_queries_count", route="/background"),
+        10,
+        "the /background request never finished",
+    )
     samples = scrape(registry)
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/stream") == 1
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/background") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/stream", method="GET") == 1
+    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/background", method="GET") == 1
     assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/stream") == 1
     assert samples.value("poolwatch_checkouts_after_response_total", pool="async", route="/background") == 1
-    assert samples.value("poolwatch_request_queries_sum", route="/stream") == 3
-    assert samples.value("poolwatch_request_queries_sum", route="/background") == 1
+    assert samples.value("poolwatch_request_queries_sum", route="/stream", method="GET") == 3
+    assert samples.value("poolwatch_request_queries_sum", route="/background", method="GET") == 1
     assert samples.find("poolwatch_checkouts_after_response_total", route="/users/{user_id}") == []

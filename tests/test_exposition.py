@@ -38,19 +38,23 @@ def busy_registry(sync_url: str, registry: CollectorRegistry):  # type: ignore[n
     watch = poolwatch.watch({'we"ird\\pool\nname': bounded, "null": unbounded}, registry=registry)
     Counter("app_orders", "An application metric beside poolwatch's.", registry=registry).inc(3)
     for route in ("/users/{user_id}", "/orders/{order_id}", '/a"quoted\\route'):
-        token = current_request.set(RequestContext({"type": "http", "route": None}))
+        token = current_request.set(RequestContext({"type": "http", "method": "GET", "route": None}))
         current_request.get().resolved_route = route  # type: ignore[union-attr]
         try:
             for engine in (bounded, unbounded):
                 with engine.connect() as connection:
                     connection.execute(sa.text("SELECT 1"))
-            watch.requests.request_finished(route, 3)
+            watch.requests.request_finished((route, "GET"), 3)
         finally:
             current_request.reset(token)
     with bounded.connect() as connection, pytest.raises(sa.exc.ProgrammingError):
         connection.execute(sa.text("SELECT * FROM no_such_table_exposition"))
     recorder = watch.recorders[0]
-    recorder.use_exemplars["/users/{user_id}"] = ("0af7651916cd43dd8448eb211c80319c", 0.003, time.time())
+    recorder.use_exemplars[("/users/{user_id}", "GET")] = (
+        "0af7651916cd43dd8448eb211c80319c",
+        0.003,
+        time.time(),
+    )
     recorder.query_exemplars["SELECT"] = ("4bf92f3577b34da6a3ce929d0e0e4736", 0.0002, time.time())
     yield registry, watch
     bounded.dispose()

@@ -201,7 +201,7 @@ def test_stall_fails_app_requests_by_their_timeouts_while_live_answers(
     assert all(at > live_at for at in finished)
     assert statuses == [500, 500, 500]
     samples = scrape(registry)
-    assert samples.value("poolwatch_timeouts_total", pool="primary") == 2
+    assert samples.total("poolwatch_timeouts_total", pool="primary") == 2
     assert total(registry, "poolwatch_query_errors_total", pool="primary") >= 1
 
 
@@ -292,7 +292,7 @@ def test_demo_app_recovers_from_a_cut_under_load(
     invalidations = sum(v for _, v in samples.find("poolwatch_invalidations_total", pool="primary"))
     assert invalidations - invalidations_before >= 1
     assert pre_ping + invalidations >= 1
-    assert samples.value("poolwatch_timeouts_total", pool="primary") == 0
+    assert samples.total("poolwatch_timeouts_total", pool="primary") == 0
     slowest = max(took for _, took, _ in [*results, *after_recovery])
     assert slowest < pool_timeout
 

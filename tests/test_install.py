@@ -52,7 +52,7 @@ async def test_add_middleware_form_serves_metrics(
     assert response.headers["content-type"].startswith("text/plain")
     samples = parse_text(response.text)
     assert samples.value("poolwatch_checkouts_total", pool="mw") == 1
-    assert samples.value("poolwatch_request_queries_count", route="/ping") == 1
+    assert samples.value("poolwatch_request_queries_count", route="/ping", method="GET") == 1
     await engine.dispose()
 
 
@@ -222,7 +222,12 @@ def test_demo_command_starts_without_database_url(tmp_path: Path) -> None:
         assert httpx.get(f"{base}/users/{user_id}", timeout=5).status_code == 404
         samples = parse_text(httpx.get(f"{base}/metrics", timeout=5).text)
         assert samples.value("poolwatch_checkouts_total", pool="primary") >= 5
-        assert samples.value("poolwatch_use_seconds_count", pool="primary", route="/users/{user_id}") >= 2
+        assert (
+            samples.value(
+                "poolwatch_use_seconds_count", pool="primary", route="/users/{user_id}", method="GET"
+            )
+            >= 2
+        )
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=10)

@@ -190,7 +190,9 @@ def test_client_disconnect_mid_request_returns_the_connection(
         time.sleep(0.05)
     samples = scrape(registry)
     assert samples.value("poolwatch_connections", pool="async", state="used") == 0
-    assert samples.value("poolwatch_use_seconds_count", pool="async", route="/hold/{seconds}") == 1
+    assert (
+        samples.value("poolwatch_use_seconds_count", pool="async", route="/hold/{seconds}", method="GET") == 1
+    )
     assert sum(value for _, value in samples.find("poolwatch_leaks_total")) == 0
     assert sum(value for _, value in samples.find("poolwatch_gc_reclaimed_total")) == 0
 

@@ -205,7 +205,7 @@ def test_one_scrape_reports_every_worker(server: Server) -> None:
         samples = server.scrape()
         assert _value(samples, "poolwatch_checkouts_total", pool="app") == REQUESTS
         assert _value(samples, "poolwatch_checkins_total", pool="app") == REQUESTS
-        assert _value(samples, "poolwatch_request_queries_count", route="/work") == REQUESTS
+        assert _value(samples, "poolwatch_request_queries_count", route="/work", method="GET") == REQUESTS
         # The driver's own set-up statements on each worker's first connection count too.
         assert _value(samples, "poolwatch_query_seconds_count", pool="app", operation="SELECT") >= REQUESTS
         assert _value(samples, "poolwatch_connections_max", pool="app") == 2 * POOL_SIZE

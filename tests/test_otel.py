@@ -154,7 +154,7 @@ def test_collector_attaches_recorded_exemplars_to_their_bucket(
     recorder = watch.recorders[0]
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     recorder.query_exemplars["SELECT"] = (trace_id, 0.003, time.time())
-    recorder.use_exemplars["<none>"] = (trace_id, 0.2, time.time())
+    recorder.use_exemplars[("<none>", "<none>")] = (trace_id, 0.2, time.time())
     query = exemplars(registry, "poolwatch_query_seconds")
     assert [(labels["operation"], labels["le"]) for labels, _ in query] == [("SELECT", "0.005")]
     assert query[0][1].labels == {"trace_id": trace_id}
@@ -260,7 +260,7 @@ def test_bridge_agrees_with_metrics(sync_url: str, registry: CollectorRegistry) 
         )  # type: ignore[attr-defined]
         assert (
             point(otel, "db.client.connection.timeouts").value
-            == prometheus.value("poolwatch_timeouts_total", pool="bridged")
+            == prometheus.total("poolwatch_timeouts_total", pool="bridged")
             == 1
         )  # type: ignore[attr-defined]
         wait = point(otel, "db.client.connection.wait_time")

@@ -154,7 +154,7 @@ def test_the_wheel_runs_the_readme_quick_start_in_a_clean_venv(venv: Path, tmp_p
     pool = "quickstart.db"  # a SQLite pool is named after its file, as the URL gives it
     assert samples.value("poolwatch_checkouts_total", pool=pool) >= 1
     assert samples.value("poolwatch_connections", pool=pool, state="used") == 0
-    assert samples.value("poolwatch_request_queries_count", route="/time") == 1
+    assert samples.value("poolwatch_request_queries_count", route="/time", method="GET") == 1
     assert samples.find("poolwatch_query_seconds_count", pool=pool, operation="SELECT")
 
 

@@ -100,7 +100,7 @@ def test_saturated_pool_overflow_pending_and_timeout(sync_url: str, registry: Co
         assert timeout_event["max_overflow"] == 1 and timeout_event["checked_out"] == 3
         assert timeout_event["callers_waiting"] == 1
         after = scrape(registry)
-        assert after.value("poolwatch_timeouts_total", pool="main") == 1
+        assert after.total("poolwatch_timeouts_total", pool="main") == 1
         assert after.value("poolwatch_pending_requests", pool="main") == 0
         # Three, the waiter's, the one taken again, and the one that timed out.
         assert after.value("poolwatch_wait_seconds_count", pool="main") == 6
@@ -134,7 +134,9 @@ def test_exact_counts_under_threads(sync_url: str, registry: CollectorRegistry) 
     assert samples.value("poolwatch_checkouts_total", pool="threads") == 16000
     assert samples.value("poolwatch_checkins_total", pool="threads") == 16000
     assert samples.value("poolwatch_wait_seconds_count", pool="threads") == 16000
-    assert samples.value("poolwatch_use_seconds_count", pool="threads", route="<none>") == 16000
+    assert (
+        samples.value("poolwatch_use_seconds_count", pool="threads", route="<none>", method="<none>") == 16000
+    )
     assert samples.value("poolwatch_pending_requests", pool="threads") == 0
     engine.dispose()
 
@@ -210,7 +212,7 @@ def test_a_checkout_that_cannot_connect_is_a_wait_and_leaves_nobody_waiting(
     samples = scrape(registry)
     assert samples.value("poolwatch_wait_seconds_count", pool="refused") == 2
     assert samples.value("poolwatch_pending_requests", pool="refused") == 0
-    assert samples.value("poolwatch_timeouts_total", pool="refused") == 0
+    assert samples.total("poolwatch_timeouts_total", pool="refused") == 0
     assert samples.value("poolwatch_checkouts_total", pool="refused") == 0
     engine.dispose()
 
@@ -331,7 +333,7 @@ def test_counting_goes_on_after_dispose(sync_url: str, registry: CollectorRegist
     samples = scrape(registry)
     assert samples.value("poolwatch_checkouts_total", pool="disposed") == 2
     assert samples.value("poolwatch_checkins_total", pool="disposed") == 2
-    assert samples.value("poolwatch_timeouts_total", pool="disposed") == 1
+    assert samples.total("poolwatch_timeouts_total", pool="disposed") == 1
     assert samples.value("poolwatch_wait_seconds_sum", pool="disposed") >= 0.2
     assert samples.value("poolwatch_query_seconds_count", pool="disposed", operation="SELECT") == selects + 1
     engine.dispose()
@@ -344,13 +346,15 @@ def test_series_exist_as_zeros_from_the_start(sync_url: str, registry: Collector
     samples = scrape(registry)
     for counter in (
         "poolwatch_checkouts_total", "poolwatch_checkins_total", "poolwatch_connects_total",
-        "poolwatch_disconnects_total", "poolwatch_timeouts_total",
+        "poolwatch_disconnects_total",
         "poolwatch_pre_ping_failures_total", "poolwatch_wait_seconds_count",
         "poolwatch_connect_seconds_count", "poolwatch_pending_requests",
         "poolwatch_connections_overflow",
     ):  # fmt: skip
         assert samples.value(counter, pool="fresh") == 0, counter
-    assert samples.value("poolwatch_use_seconds_count", pool="fresh", route="<none>") == 0
+    assert samples.value("poolwatch_use_seconds_count", pool="fresh", route="<none>", method="<none>") == 0
+    assert samples.value("poolwatch_held_idle_seconds_count", pool="fresh", route="<none>") == 0
+    assert samples.value("poolwatch_timeouts_total", pool="fresh", route="<none>") == 0
     assert samples.value("poolwatch_connections_max", pool="fresh") == 15
     # Watching and scraping cost no internal error, and the counter reports the process's count.
     assert samples.value("poolwatch_internal_errors_total") == internal_errors.count == errors_before
@@ -392,7 +396,7 @@ def test_async_pool_saturation_and_timeout(async_url: str, registry: CollectorRe
             await engine.connect().start()
         await second.close()
         samples = scrape(registry)
-        assert samples.value("poolwatch_timeouts_total", pool="async") == 1
+        assert samples.total("poolwatch_timeouts_total", pool="async") == 1
         assert samples.value("poolwatch_pending_requests", pool="async") == 0
         assert samples.value("poolwatch_checkouts_total", pool="async") == 2
         assert samples.value("poolwatch_wait_seconds_count", pool="async") == 3

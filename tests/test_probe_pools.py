@@ -64,7 +64,7 @@ def probe_sync(health: HealthEndpoints) -> tuple[int, bytes]:
 
 
 def probe_checkouts(registry: CollectorRegistry, pool: str) -> float:
-    return value(registry, "poolwatch_use_seconds_count", pool=pool, route=PROBE_ROUTE)
+    return value(registry, "poolwatch_use_seconds_count", pool=pool, route=PROBE_ROUTE, method="<none>")
 
 
 def has_probe_series(registry: CollectorRegistry, pool: str) -> bool:

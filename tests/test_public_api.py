@@ -19,6 +19,7 @@ SETTINGS = {
     "leak_threshold_seconds": 30.0,
     "leak_capture_stack": False,
     "slow_query_seconds": 1.0,
+    "held_idle_seconds": 5.0,
     "metrics_path": "/metrics",
     "health_db_path": "/health/db",
     "health_live_path": "/health/live",
@@ -37,6 +38,7 @@ SETTINGS = {
 EVENT_NAMES = [
     "poolwatch.gc_reclaimed",
     "poolwatch.health_changed",
+    "poolwatch.held_idle",
     "poolwatch.internal_error",
     "poolwatch.leak_detected",
     "poolwatch.leak_returned",
@@ -62,7 +64,8 @@ CATALOGUE = [
     ("poolwatch_checkins_total", "counter", ("pool",)),
     ("poolwatch_connects_total", "counter", ("pool",)),
     ("poolwatch_disconnects_total", "counter", ("pool",)),
-    ("poolwatch_timeouts_total", "counter", ("pool",)),
+    ("poolwatch_timeouts_total", "counter", ("pool", "route")),
+    ("poolwatch_connect_errors_total", "counter", ("pool", "error")),
     ("poolwatch_pre_ping_failures_total", "counter", ("pool",)),
     ("poolwatch_invalidations_total", "counter", ("pool", "reason")),
     ("poolwatch_leaks_total", "counter", ("pool", "route")),
@@ -71,10 +74,11 @@ CATALOGUE = [
     ("poolwatch_query_errors_total", "counter", ("pool", "operation", "error")),
     ("poolwatch_internal_errors_total", "counter", ()),
     ("poolwatch_wait_seconds", "histogram", ("pool",)),
-    ("poolwatch_use_seconds", "histogram", ("pool", "route")),
+    ("poolwatch_use_seconds", "histogram", ("pool", "route", "method")),
     ("poolwatch_connect_seconds", "histogram", ("pool",)),
     ("poolwatch_query_seconds", "histogram", ("pool", "operation")),
-    ("poolwatch_request_queries", "histogram", ("route",)),
+    ("poolwatch_request_queries", "histogram", ("route", "method")),
+    ("poolwatch_held_idle_seconds", "histogram", ("pool", "route")),
 ]
 
 

@@ -5,7 +5,12 @@ listener flips ``engine._has_events``, which moves *every* statement onto SQLAlc
 event-checking path (measured: +7 us per statement before a listener does any work). Wrapping
 ``do_execute``/``do_executemany``/``do_execute_no_params`` on the dialect instance times exactly the
 driver call, in one Python frame, and leaves SQLAlchemy's fast path alone. ``do_ping`` is what the
-pool's pre-ping calls, so a failure there is a pre-ping failure.
+pool's pre-ping calls, so a failure there is a pre-ping failure. ``connect`` is what the engine's
+creator calls to open a DBAPI connection (looked up on the dialect at each call), so a failure there
+is a failed attempt to connect; an engine made with its own ``creator=`` bypasses it.
+
+Each statement's time is also added to its checkout's usage (``CheckoutEntry.usage``), found from
+the execution context's pool connection: held time minus that is the time held idle.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ if TYPE_CHECKING:
     from .._record.recorder import PoolRecorder
 
 _MARK = "_poolwatch_recorder"
-_WRAPPED = ("do_execute", "do_executemany", "do_execute_no_params", "do_ping")
+_WRAPPED = ("do_execute", "do_executemany", "do_execute_no_params", "do_ping", "connect")
 
 
 def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: float) -> None:
@@ -39,6 +44,7 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
     original_executemany = dialect.do_executemany
     original_no_params = dialect.do_execute_no_params
     original_ping = dialect.do_ping
+    original_connect = dialect.connect
     around = timed.around
     finished = timed.finished
 
@@ -50,13 +56,21 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
         except BaseException as error:
             _query_failed(recorder, statement, error)
             raise
-        finished(statement, perf_counter() - started)
+        finished(statement, perf_counter() - started, context)
 
     def do_executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        around(original_executemany, statement, cursor, statement, parameters, context)
+        around(original_executemany, statement, context, cursor, statement, parameters, context)
 
     def do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
-        around(original_no_params, statement, cursor, statement, context)
+        around(original_no_params, statement, context, cursor, statement, context)
+
+    def connect(*cargs: Any, **cparams: Any) -> Any:
+        try:
+            return original_connect(*cargs, **cparams)
+        except Exception as error:
+            # A cancelled caller (a BaseException) is not a failed attempt to connect.
+            _connect_failed(recorder, type(error).__name__)
+            raise
 
     def do_ping(dbapi_connection: Any) -> bool:
         try:
@@ -75,6 +89,7 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
     dialect.do_executemany = do_executemany  # type: ignore[method-assign]
     dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
     dialect.do_ping = do_ping  # type: ignore[method-assign]
+    dialect.connect = connect  # type: ignore[method-assign]
     setattr(dialect, _MARK, recorder)
 
 
@@ -87,33 +102,39 @@ def unhook_dialect(dialect: Dialect) -> None:
 
 
 class _StatementTimer:
-    """Times one driver call and files it under its operation; counts it for the request."""
+    """Times one driver call and files it under its operation; counts it for the request and adds
+    it to its checkout's usage."""
 
     def __init__(self, recorder: PoolRecorder, slow_query_seconds: float) -> None:
-        self.recorder = recorder
-        self.slow = slow_query_seconds
         histograms = recorder.query
-        acquire = recorder.lock.acquire
-        release = recorder.lock.release
+        open_checkouts = recorder.open_checkouts
         get_request = current_request.get
         slow = slow_query_seconds
         tracing = recorder.tracing
         exemplars = recorder.query_exemplars
 
         # Closures rather than methods: locals are the cheapest lookups on a per-statement path.
-        def finished(statement: str, elapsed: float) -> None:
+        def finished(statement: str, elapsed: float, context: Any) -> None:
             try:
                 request = get_request()
                 if request is not None:
                     request.queries += 1
                 operation = operation_cache.get(statement) or operation_of(statement)
                 histogram = histograms[operation]
-                acquire()
-                try:
-                    histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
-                    histogram.total += elapsed
-                finally:
-                    release()
+                # Lock-free, as on the checkout path (see the histogram module).
+                bucket = 0 if elapsed <= histogram.first else bisect_left(histogram.bounds, elapsed)
+                next(histogram.tickers[bucket])
+                histogram.total += elapsed
+                if context is not None:
+                    try:
+                        connection_record = context._dbapi_connection._connection_record
+                    except AttributeError:  # a context that is not SQLAlchemy's default one
+                        connection_record = None
+                    entry = open_checkouts.get(connection_record)
+                    if entry is not None:
+                        usage = entry[7]
+                        usage[0] += 1
+                        usage[1] += elapsed
                 if tracing:
                     found = exemplar(elapsed)
                     if found is not None:
@@ -123,14 +144,14 @@ class _StatementTimer:
             except Exception as failure:
                 internal_errors.record("statement", failure)
 
-        def around(call: Callable[..., Any], statement: str, *args: Any) -> Any:
+        def around(call: Callable[..., Any], statement: str, context: Any, *args: Any) -> Any:
             started = perf_counter()
             try:
                 result = call(*args)
             except BaseException as error:
                 _query_failed(recorder, statement, error)
                 raise
-            finished(statement, perf_counter() - started)
+            finished(statement, perf_counter() - started, context)
             return result
 
         self.finished = finished
@@ -145,6 +166,13 @@ def _query_failed(recorder: PoolRecorder, statement: str, error: BaseException) 
         recorder.query_failed(operation_of(statement), type(error).__name__)
     except Exception as failure:
         internal_errors.record("query_failed", failure)
+
+
+def _connect_failed(recorder: PoolRecorder, error: str) -> None:
+    try:
+        recorder.connect_failed(error)
+    except Exception as failure:
+        internal_errors.record("connect_failed", failure)
 
 
 def _pre_ping_failed(recorder: PoolRecorder, error: str) -> None:

@@ -20,12 +20,12 @@ import threading
 from bisect import bisect_left
 from contextvars import copy_context
 from sys import _getframe as getframe
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
 
 from .._log import internal_errors
-from .._record.context import NO_REQUEST, current_request
+from .._record.context import NO_REQUEST_KEY, current_request
 from .._record.recorder import CheckoutEntry, Exemplar, perf_counter
 from .borrow_site import borrow_site, borrow_stack, is_library_file
 from .tracing import exemplar
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from .._record.recorder import PoolRecorder
 
+K = TypeVar("K")
 _MARK = "_poolwatch_recorder"
 _WRAPPED = ("connect", "_do_return_conn", "_close_connection", "recreate")
 
@@ -52,19 +53,25 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     original_recreate = pool.recreate
 
     # The two functions below run on every checkout and checkin. They keep the bookkeeping inline
-    # (one Python frame each, locals instead of attribute lookups) because on this path a call
-    # costs as much as the work; the recorder owns the state and everything that is not per-event.
+    # (one Python frame each, locals instead of attribute lookups, histogram observations written
+    # out) because on this path a call costs as much as the work; the recorder owns the state and
+    # everything that is not per-event. No lock: see the recorder's docstring.
     waits_started = recorder.waits_started
-    waits_finished = recorder.waits_finished
+    checkout_ticker = recorder.checkout_ticker
     open_checkouts = recorder.open_checkouts
     leaked_records = recorder.leaked_records
-    use_by_route = recorder.use
-    use_histogram = recorder.use_histogram
-    # Held longer than this at checkin and not yet flagged by the sweeper: a leak to count now.
-    leak_threshold = recorder.leak_threshold if recorder.leak_threshold > 0 else float("inf")
+    histograms_by_key = recorder.histograms_by_key
+    histograms_for = recorder.histograms_for
     wait = recorder.wait
-    acquire = recorder.lock.acquire
-    release = recorder.lock.release
+    wait_tickers = wait.tickers
+    bounds = wait.bounds
+    first = wait.first
+    # A checkin held longer than this may be a leak or held idle too long: a closer look.
+    thresholds = [t for t in (recorder.leak_threshold, recorder.held_idle_threshold) if t > 0]
+    notable = min(thresholds, default=float("inf"))
+    capture_site = recorder.capture_site
+    capture_stack = recorder.capture_stack
+    tracing = recorder.tracing
     get_request = current_request.get
 
     def connect() -> Any:
@@ -78,13 +85,16 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
         except BaseException:
             _failed_wait(recorder, started, timed_out=False)
             raise
+        # Observed first and outside the try: from here on this caller is not waiting.
+        now = perf_counter()
+        waited = now - started
+        next(wait_tickers[0 if waited <= first else bisect_left(bounds, waited)])
+        wait.total += waited
         try:
-            now = perf_counter()
-            waited = now - started
             record = fairy._connection_record
             request = get_request()
             site = None
-            if recorder.capture_site:
+            if capture_site:
                 # The caller's frame is tested inline: when it is application code (a direct
                 # pool.connect()) that saves the call into the borrow-site walk.
                 try:
@@ -95,61 +105,50 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                     site = (caller.f_code, caller.f_lasti)
                 elif caller is not None:
                     site = borrow_site(2)
-            # A plain tuple (see CheckoutEntry), built before the lock: see _recorder's docstring.
+            # A plain tuple (see CheckoutEntry); the list is the usage the statement timer adds to.
             entry = (
                 now,
                 request,
                 record.fairy_ref,
                 site,
-                borrow_stack(2) if recorder.capture_stack else None,
+                borrow_stack(2) if capture_stack else None,
                 record,
                 copy_context(),
+                [0, 0.0],
             )
-            acquire()
-            try:
-                wait.counts[bisect_left(wait.bounds, waited)] += 1
-                wait.total += waited
-                if record not in open_checkouts:  # else handed out again (SingletonThreadPool)
-                    recorder.checkouts += 1
-                    open_checkouts[record] = entry  # type: ignore[assignment]
-            finally:
-                release()
+            # Else handed out again while out (SingletonThreadPool): one checkout, first entry kept.
+            if open_checkouts.setdefault(record, entry) is entry:  # type: ignore[arg-type]
+                next(checkout_ticker)
             if request is not None and request.response_started:
                 recorder.count_after_response(request.route)
         except Exception as error:
             internal_errors.record("checkout", error)
-        finally:
-            # Whatever failed above, this caller is no longer waiting.
-            next(waits_finished)
         return fairy
 
     def do_return_conn(record: Any) -> None:
         try:
-            entry = open_checkouts.get(record)
+            # The pop decides: a checkin counts once, whatever else runs (another thread, or a
+            # checkin the garbage collector nests here).
+            entry = open_checkouts.pop(record, None)
             if entry is not None:  # else taken before poolwatch was installed
                 held = perf_counter() - entry[0]
                 request = entry[1]
+                key = NO_REQUEST_KEY if request is None else (request.key or request.labels())
+                use, idle_histogram = histograms_by_key.get(key) or histograms_for(key)
+                next(use.tickers[0 if held <= first else bisect_left(bounds, held)])
+                use.total += held
+                idle = held - entry[7][1]
+                next(idle_histogram.tickers[0 if idle <= first else bisect_left(bounds, idle)])
+                idle_histogram.total += idle
+                if tracing:
+                    _keep_exemplar(recorder.use_exemplars, key, held)
                 fairy_ref = entry[2]
-                route = NO_REQUEST if request is None else (request.resolved_route or request.route)
-                use = use_by_route.get(route) or use_histogram(route)
-                reclaimed = fairy_ref is not None and fairy_ref() is None
-                flagged = False
-                acquire()
-                try:
-                    counted = open_checkouts.pop(record, None) is not None
-                    if counted:
-                        recorder.checkins += 1
-                        use.counts[bisect_left(use.bounds, held)] += 1
-                        use.total += held
-                        if record in leaked_records:
-                            flagged = True
-                            leaked_records.discard(record)
-                finally:
-                    release()
-                if counted and recorder.tracing:
-                    _keep_exemplar(recorder.use_exemplars, route, held)
-                if counted and (reclaimed or flagged or held > leak_threshold):
-                    recorder.returned_notably(CheckoutEntry(*entry), route, held, reclaimed, flagged)
+                if (
+                    held > notable
+                    or (leaked_records and record in leaked_records)
+                    or (fairy_ref is not None and fairy_ref() is None)
+                ):
+                    recorder.returned_notably(CheckoutEntry(*entry), key, held, idle)
         except Exception as error:
             internal_errors.record("checkin", error)
         original_return(record)
@@ -240,7 +239,7 @@ def recorder_of(pool: Pool) -> PoolRecorder | None:
     return recorder
 
 
-def _keep_exemplar(exemplars: dict[str, Exemplar], key: str, value: float) -> None:
+def _keep_exemplar(exemplars: dict[K, Exemplar], key: K, value: float) -> None:
     found = exemplar(value)
     if found is not None:
         exemplars[key] = found

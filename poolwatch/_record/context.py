@@ -13,20 +13,44 @@ from typing import Any
 
 NO_REQUEST = "<none>"
 UNMATCHED = "<unmatched>"
+# (route, method) of work outside any request.
+NO_REQUEST_KEY = (NO_REQUEST, NO_REQUEST)
+
+# The method label: HTTP's registered methods, and WEBSOCKET for a websocket session (its scope has
+# no method); anything else a client sends is OTHER, so a client cannot grow the number of series
+# by inventing methods.
+METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "WEBSOCKET")
+)
+
+
+def method_label(method: object) -> str:
+    return method if isinstance(method, str) and method in METHODS else "OTHER"
 
 
 class RequestContext:
     """One HTTP request. The route is resolved lazily: routing happens after the middleware runs."""
 
-    __slots__ = ("queries", "resolved_route", "response_started", "scope")
+    __slots__ = ("key", "method", "queries", "resolved_route", "response_started", "scope")
 
     def __init__(self, scope: MutableMapping[str, Any]) -> None:
         self.scope = scope
         self.queries = 0
+        self.method = method_label("WEBSOCKET" if scope.get("type") == "websocket" else scope.get("method"))
         # Set once the app has begun its response: work after that outlives the request.
         self.response_started = False
         # The template once known; read directly on the hot path to skip the property call.
         self.resolved_route: str | None = None
+        # (route, method) once the route is known: the key of the per-route histograms, made once.
+        self.key: tuple[str, str] | None = None
+
+    def labels(self) -> tuple[str, str]:
+        """(route, method); kept in ``key`` once routing is done."""
+        route = self.route
+        if self.resolved_route is None:
+            return (route, self.method)
+        key = self.key = (route, self.method)
+        return key
 
     @property
     def route(self) -> str:
@@ -46,6 +70,13 @@ current_request: ContextVar[RequestContext | None] = ContextVar("poolwatch_reque
 
 def route_label(context: RequestContext | None) -> str:
     return NO_REQUEST if context is None else context.route
+
+
+def labels_of(context: RequestContext | None) -> tuple[str, str]:
+    """(route, method) of a request, or of work outside any."""
+    if context is None:
+        return NO_REQUEST_KEY
+    return context.key or context.labels()
 
 
 # id(route) -> (route, mount prefix). Keeping the route object alive makes the id safe to reuse.

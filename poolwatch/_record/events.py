@@ -37,12 +37,17 @@ class LeakDetected:
     site: str  # file:line of the application code that took the connection
     function: str
     stack: str | None = None  # the whole borrow stack, with leak_capture_stack
+    # Of seconds_held, the time spent inside statements so far: held while idle is the difference.
+    seconds_in_statements: float = 0.0
+    statements: int = 0
 
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "pool": self.pool,
             "route": self.route,
             "seconds_held": round(self.seconds_held, 3),
+            "seconds_in_statements": round(self.seconds_in_statements, 3),
+            "statements": self.statements,
             "threshold_seconds": self.threshold_seconds,
             "site": self.site,
             "function": self.function,
@@ -70,6 +75,38 @@ class LeakReturned:
             "pool": self.pool,
             "route": self.route,
             "seconds_held": round(self.seconds_held, 3),
+            "site": self.site,
+            "function": self.function,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HeldIdle:
+    """One checkout held its connection while running no statement for longer than
+    ``held_idle_seconds``: an awaited HTTP call, a sleep or template rendering inside a session."""
+
+    name: ClassVar[str] = "poolwatch.held_idle"
+    level: ClassVar[Level] = "warning"
+
+    pool: str
+    route: str
+    method: str
+    seconds_held: float
+    seconds_idle: float  # seconds_held minus the time inside statements
+    threshold_seconds: float
+    statements: int
+    site: str
+    function: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "route": self.route,
+            "method": self.method,
+            "seconds_held": round(self.seconds_held, 3),
+            "seconds_idle": round(self.seconds_idle, 3),
+            "threshold_seconds": self.threshold_seconds,
+            "statements": self.statements,
             "site": self.site,
             "function": self.function,
         }
@@ -116,10 +153,12 @@ class PoolTimeout:
     overflow: int
     checked_out: int | None
     callers_waiting: int  # this caller included
+    route: str = "<none>"  # the route that gave up
 
     def fields(self) -> dict[str, Any]:
         return {
             "pool": self.pool,
+            "route": self.route,
             "seconds_waited": round(self.seconds_waited, 3),
             "pool_size": self.pool_size,
             "max_overflow": self.max_overflow,
@@ -200,9 +239,18 @@ class HealthChanged:
         return fields
 
 
-Event = LeakDetected | LeakReturned | GcReclaimed | PoolTimeout | PrePingFailed | SlowQuery | HealthChanged
+Event = (
+    LeakDetected
+    | LeakReturned
+    | HeldIdle
+    | GcReclaimed
+    | PoolTimeout
+    | PrePingFailed
+    | SlowQuery
+    | HealthChanged
+)
 EVENT_TYPES: tuple[type[Event], ...] = (
-    LeakDetected, LeakReturned, GcReclaimed, PoolTimeout, PrePingFailed, SlowQuery, HealthChanged,
+    LeakDetected, LeakReturned, HeldIdle, GcReclaimed, PoolTimeout, PrePingFailed, SlowQuery, HealthChanged,
 )  # fmt: skip
 
 

@@ -1,7 +1,20 @@
-"""A plain bucket histogram: a list of counts and a sum, cumulated only when scraped."""
+"""A bucket histogram that threads write without a lock: one ticker per bucket and a sum.
+
+Each bucket is an ``itertools.count``: ``next()`` on it is one C call, so an increment is atomic
+between threads and cannot be re-entered by the garbage collector halfway (a nested checkin only
+adds its own tick). The sum is a float attribute updated with ``+=``: CPython (3.11, 3.12) checks
+for a thread switch only at calls and backward jumps, never between the load, the add and the store
+of that statement, and floats are not tracked by the garbage collector, so making one never starts
+a collection. (A free-threaded build would need a lock here; poolwatch does not support one yet.)
+
+Readers copy the tickers' values at any time, without a lock; a copy taken while threads observe
+may pair a sum with counts one observation apart, which Prometheus tolerates (the next scrape
+agrees).
+"""
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left
 from functools import cache
 from typing import NamedTuple
@@ -17,26 +30,42 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 COUNT_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class Histogram:
-    """Observations land in ``counts[i]`` for the first bound >= value; the last slot is +Inf.
+def ticker_value(ticker: itertools.count[int]) -> int:
+    """How many times ``next()`` was called on an ``itertools.count()`` started at 0.
 
-    Not thread-safe by itself: the recorder that owns it serialises writers.
+    ``next(count)`` is a single atomic C call, which makes it the cheapest exact counter shared
+    between threads; its repr, ``count(N)``, is the only public way to read it without advancing.
+    """
+    return int(repr(ticker)[6:-1])
+
+
+class Histogram:
+    """Observations tick ``tickers[i]`` for the first bound >= value; the last ticker is +Inf.
+
+    The hot paths inline ``observe`` (a call costs as much as the work there), testing ``first``
+    before bisecting: a healthy pool's waits fall in the first bucket.
     """
 
-    __slots__ = ("bounds", "counts", "total")
+    __slots__ = ("bounds", "first", "tickers", "total")
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
+        self.first = bounds[0]
+        self.tickers = [itertools.count() for _ in range(len(bounds) + 1)]
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
+        next(self.tickers[0 if value <= self.first else bisect_left(self.bounds, value)])
         self.total += value
 
+    @property
+    def count(self) -> int:
+        return sum(ticker_value(ticker) for ticker in self.tickers)
+
     def copy(self) -> HistogramCopy:
-        """A copy to format later; callers hold the lock that serialises the writers."""
-        return HistogramCopy(self.bounds, list(self.counts), self.total)
+        """The counts and sum now; safe at any time, on any thread, without a lock."""
+        total = self.total
+        return HistogramCopy(self.bounds, [ticker_value(ticker) for ticker in self.tickers], total)
 
 
 class HistogramCopy(NamedTuple):

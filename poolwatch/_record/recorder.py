@@ -1,12 +1,15 @@
-"""Per-pool recorder: plain counters, bucket arrays and the table of live checkouts.
+"""Per-pool recorder: tickers, bucket histograms and the table of live checkouts.
 
-Everything here is written on the hot path, so it is plain Python objects under one lock per pool:
-no prometheus_client objects, no label tuples built per event, no stack walks beyond the cached
-borrow-site lookup. The collector reads a snapshot at scrape time.
+Everything here is written on the hot path, so it is plain Python objects: no prometheus_client
+objects, no label tuples built per event, no stack walks beyond the cached borrow-site lookup. The
+collector reads a snapshot at scrape time.
 
-Exact counts under threads need the lock, but a lock costs as much here as half of SQLAlchemy's own
-checkout, so the hot path takes it once per checkout and once per checkin (plain acquire/release, not
-a ``with`` block) and the waiting-callers gauge uses two atomic ``itertools.count`` tickers instead.
+No lock on the checkout and checkin path. Every count there is an atomic C call (``next()`` on an
+``itertools.count``, one per histogram bucket; see ``histogram``), the table of checkouts is written
+with ``dict.setdefault`` and taken with ``dict.pop``, each one atomic, so the pop decides which
+checkin counts, and the sums are float ``+=`` statements that CPython does not interrupt (see
+``histogram``). An ``RLock`` serialises what is rare: the keyed counters (leaks, timeouts, errors),
+claiming a leak, making a route's histograms.
 
 Garbage-collector re-entry. The collector may finalize a lost connection at any allocation (3.11)
 or between bytecodes (3.12+), on whatever thread allocated, and SQLAlchemy then checks it in on that
@@ -36,10 +39,11 @@ from dataclasses import dataclass, field
 from types import CodeType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from .context import NO_REQUEST, RequestContext, route_label
+from .context import NO_REQUEST, NO_REQUEST_KEY, RequestContext, current_request, route_label
 from .events import (
     Event,
     GcReclaimed,
+    HeldIdle,
     LeakDetected,
     LeakReturned,
     PoolTimeout,
@@ -47,7 +51,7 @@ from .events import (
     describe_site,
     emit,
 )
-from .histogram import Histogram, HistogramCopy
+from .histogram import Histogram, HistogramCopy, ticker_value
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -62,14 +66,8 @@ perf_counter = time.perf_counter
 # (trace id as 32 hex digits, observed value, unix timestamp)
 Exemplar = tuple[str, float, float]
 
-
-def ticker_value(ticker: itertools.count[int]) -> int:
-    """How many times ``next()`` was called on an ``itertools.count()`` started at 0.
-
-    ``next(count)`` is a single atomic C call, which makes it the cheapest exact counter shared
-    between threads; its repr, ``count(N)``, is the only public way to read it without advancing.
-    """
-    return int(repr(ticker)[6:-1])
+# (route, method): the key of the hold-time histograms.
+RouteKey = tuple[str, str]
 
 
 class CheckoutEntry(NamedTuple):
@@ -92,6 +90,9 @@ class CheckoutEntry(NamedTuple):
     # The contextvars at checkout (structlog's bound request id, for one), for events about this
     # checkout that are logged later from another thread.
     context: contextvars.Context | None
+    # [statements run, seconds inside them] on this checkout so far: the statement timer adds to
+    # it while the connection is out (one thread uses a connection at a time).
+    usage: list[float]
 
 
 @dataclass
@@ -111,7 +112,8 @@ class RecorderSnapshot:
     checkins: int
     connects: int
     disconnects: int
-    timeouts: int
+    timeouts: dict[str, int]
+    connect_errors: dict[str, int]
     pre_ping_failures: int
     pending: int
     invalidations: dict[str, int]
@@ -121,7 +123,8 @@ class RecorderSnapshot:
     query_errors: dict[tuple[str, str], int]
     wait: HistogramCopy
     connect_time: HistogramCopy
-    use: dict[str, HistogramCopy]
+    use: dict[RouteKey, HistogramCopy]
+    held_idle: dict[str, HistogramCopy]
     query: dict[str, HistogramCopy]
     live: LiveCheckouts = field(default_factory=LiveCheckouts)
 
@@ -135,20 +138,23 @@ class PoolRecorder:
         self.leak_threshold = settings.leak_threshold_seconds
         self.capture_site = settings.leak_threshold_seconds > 0
         self.capture_stack = settings.leak_capture_stack and self.capture_site
+        self.held_idle_threshold = settings.held_idle_seconds
         # A minimal third-party dialect may lack either; SQLAlchemy itself does not need them.
         self.dialect = str(getattr(engine.dialect, "name", None) or "unknown")
         self.driver = str(getattr(engine.dialect, "driver", None) or "unknown")
         # Re-entrant: the garbage collector may check a connection in on a thread that holds it.
         self.lock = threading.RLock()
-        # Callers inside Pool.connect now = started - finished; both are atomic tickers.
+        # Callers inside Pool.connect now = started - the wait histogram's count (every call that
+        # ends, well or not, is observed there once).
         self.waits_started = itertools.count()
-        self.waits_finished = itertools.count()
+        # Counted when the checkout table takes the entry (not when SingletonThreadPool hands out
+        # a connection that is already out).
+        self.checkout_ticker = itertools.count()
 
-        self.checkouts = 0
-        self.checkins = 0
         self.connects = 0
         self.disconnects = 0
-        self.timeouts = 0
+        self.timeouts: dict[str, int] = {NO_REQUEST: 0}
+        self.connect_errors: dict[str, int] = {}
         self.pre_ping_failures = 0
         self.invalidations: dict[str, int] = {}
         self.leaks: dict[str, int] = {NO_REQUEST: 0}
@@ -157,15 +163,21 @@ class PoolRecorder:
         self.query_errors: dict[tuple[str, str], int] = {}
         self.wait = Histogram()
         self.connect_time = Histogram()
-        self.use: dict[str, Histogram] = {NO_REQUEST: Histogram()}
+        self.use: dict[RouteKey, Histogram] = {NO_REQUEST_KEY: Histogram()}
+        self.held_idle: dict[str, Histogram] = {NO_REQUEST: Histogram()}
+        # The checkin path's one lookup: (route, method) -> (its hold-time histogram, its route's
+        # held-idle histogram).
+        self.histograms_by_key: dict[RouteKey, tuple[Histogram, Histogram]] = {
+            NO_REQUEST_KEY: (self.use[NO_REQUEST_KEY], self.held_idle[NO_REQUEST])
+        }
         self.query: dict[str, Histogram] = {op: Histogram() for op in OPERATIONS}
         # Keyed by SQLAlchemy's connection record, which outlives the checkout and is hashable.
         self.open_checkouts: dict[Any, CheckoutEntry] = {}
         # With tracing on: the latest exemplar per series, (trace_id hex, value, unix time), keyed
-        # by route (use_seconds) and by operation (query_seconds). Written on the hot path only
+        # by (route, method) (use_seconds) and by operation (query_seconds). Written on the hot path only
         # when a span is active; read by the collector for OpenMetrics output.
         self.tracing = settings.tracing
-        self.use_exemplars: dict[str, Exemplar] = {}
+        self.use_exemplars: dict[RouteKey, Exemplar] = {}
         self.query_exemplars: dict[str, Exemplar] = {}
         # Records whose checkout the sweeper flagged; checked at checkin only while non-empty.
         self.leaked_records: set[Any] = set()
@@ -183,34 +195,66 @@ class PoolRecorder:
 
     @property
     def pending(self) -> int:
-        # Read finished first: a caller that starts in between can only make this larger.
-        finished = ticker_value(self.waits_finished)
+        # Read the finished calls first: a caller that starts in between only makes this larger.
+        finished = self.wait.count
         return max(0, ticker_value(self.waits_started) - finished)
+
+    @property
+    def checkouts(self) -> int:
+        return ticker_value(self.checkout_ticker)
+
+    @property
+    def checkins(self) -> int:
+        """Every counted checkin is one observation of a hold-time histogram."""
+        return sum(histogram.count for histogram in list(self.use.values()))
 
     def wait_failed(self, started: float, timed_out: bool) -> None:
         waited = perf_counter() - started
-        with self.lock:
-            self.wait.observe(waited)
-            if timed_out:
-                self.timeouts += 1
-        # Counted among the waiting until logged: the event reports who waited, this caller included.
         try:
             if timed_out:
-                self._report_timeout(waited)
+                route = route_label(current_request.get())
+                with self.lock:
+                    bump(self.timeouts, route)
+                # Counted among the waiting until logged: the event reports who waited, this
+                # caller included.
+                self._report_timeout(waited, route)
         finally:
-            next(self.waits_finished)
+            self.wait.observe(waited)
 
-    def returned_notably(
-        self, entry: CheckoutEntry, route: str, held: float, reclaimed: bool, flagged: bool
-    ) -> None:
-        """A checkin worth telling someone about: the garbage collector returned it, or it was held
-        past the leak threshold (flagged by the sweeper while out, or crossed since its last pass).
+    def histograms_for(self, key: RouteKey) -> tuple[Histogram, Histogram]:
+        """The hold-time and held-idle histograms of (route, method), made on first use."""
+        with self.lock:
+            found = self.histograms_by_key.get(key)
+            if found is None:
+                route = key[0]
+                use = self.use.get(key)
+                if use is None:
+                    use = self.use[key] = Histogram()
+                idle = self.held_idle.get(route)
+                if idle is None:
+                    idle = self.held_idle[route] = Histogram()
+                found = self.histograms_by_key[key] = (use, idle)
+            return found
+
+    def returned_notably(self, entry: CheckoutEntry, key: RouteKey, held: float, idle: float) -> None:
+        """A checkin worth a closer look: the garbage collector returned it, it was held past the
+        leak threshold (flagged by the sweeper while out, or crossed since its last pass), or it was
+        held idle past the held-idle threshold.
 
         Counting a leak here too means every checkout held too long is counted exactly once,
-        however short the time between crossing the threshold and being returned.
+        however short the time between crossing the threshold and being returned: the sweeper
+        claims a checkout only while it is still in the table, and the checkin path took it out
+        of the table (one atomic ``dict.pop``) before asking here whether it was claimed.
         """
-        late_leak = not flagged and 0 < self.leak_threshold < held
+        route = key[0]
+        fairy_ref = entry.fairy_ref
+        reclaimed = fairy_ref is not None and fairy_ref() is None
+        record = entry.record
         with self.lock:
+            flagged = record in self.leaked_records
+            if flagged:
+                self.leaked_records.discard(record)
+            late_leak = not flagged and 0 < self.leak_threshold < held
             if reclaimed:
                 bump(self.gc_reclaimed, route)
             if late_leak:
@@ -223,13 +267,24 @@ class PoolRecorder:
         elif flagged or late_leak:
             site, function = describe_site(entry.site)
             _emit_in(entry, LeakReturned(self.name, route, held, site, function))
+        if 0 < self.held_idle_threshold < idle:
+            site, function = describe_site(entry.site)
+            statements = int(entry.usage[0])
+            held_idle = HeldIdle(
+                self.name, route, key[1], held, idle, self.held_idle_threshold, statements, site, function
+            )
+            _emit_in(entry, held_idle)
 
     # -- connection lifecycle (not per checkout) ------------------------------------------------
 
     def connected(self, seconds: float) -> None:
         with self.lock:
             self.connects += 1
-            self.connect_time.observe(seconds)
+        self.connect_time.observe(seconds)
+
+    def connect_failed(self, error: str) -> None:
+        with self.lock:
+            bump(self.connect_errors, error)
 
     def disconnected(self) -> None:
         with self.lock:
@@ -284,7 +339,18 @@ class PoolRecorder:
 
     def _report_leak(self, entry: CheckoutEntry, route: str, held: float) -> None:
         site, function = describe_site(entry.site)
-        leak = LeakDetected(self.name, route, held, self.leak_threshold, site, function, _stack_text(entry))
+        statements, in_statements = entry.usage
+        leak = LeakDetected(
+            self.name,
+            route,
+            held,
+            self.leak_threshold,
+            site,
+            function,
+            _stack_text(entry),
+            seconds_in_statements=in_statements,
+            statements=int(statements),
+        )
         _emit_in(entry, leak)
 
     # -- reading --------------------------------------------------------------------------------
@@ -307,7 +373,8 @@ class PoolRecorder:
                 checkins=self.checkins,
                 connects=self.connects,
                 disconnects=self.disconnects,
-                timeouts=self.timeouts,
+                timeouts=copy_counts(self.timeouts),
+                connect_errors=copy_counts(self.connect_errors),
                 pre_ping_failures=self.pre_ping_failures,
                 pending=self.pending,
                 invalidations=copy_counts(self.invalidations),
@@ -318,6 +385,7 @@ class PoolRecorder:
                 wait=self.wait.copy(),
                 connect_time=self.connect_time.copy(),
                 use=copy_histograms(self.use),
+                held_idle=copy_histograms(self.held_idle),
                 query=copy_histograms(self.query),
             )
         snapshot.live = self.live_checkouts()
@@ -329,15 +397,7 @@ class PoolRecorder:
         with self.lock:
             bump(self.after_response, route)
 
-    def use_histogram(self, route: str) -> Histogram:
-        """The hold-time histogram of ``route``, made on its first checkin."""
-        with self.lock:
-            histogram = self.use.get(route)
-            if histogram is None:
-                histogram = self.use[route] = Histogram()
-            return histogram
-
-    def _report_timeout(self, waited: float) -> None:
+    def _report_timeout(self, waited: float, route: str) -> None:
         pool = self.pool
         timeout = PoolTimeout(
             pool=self.name,
@@ -347,6 +407,7 @@ class PoolRecorder:
             overflow=max(0, _call(pool, "overflow") or 0),
             checked_out=_call(pool, "checkedout"),
             callers_waiting=self.pending,
+            route=route,
         )
         emit(timeout)
 
@@ -367,7 +428,7 @@ def copy_counts(counts: dict[K, int]) -> dict[K, int]:
     return dict(zip(list(counts), list(counts.values()), strict=False))
 
 
-def copy_histograms(histograms: dict[str, Histogram]) -> dict[str, HistogramCopy]:
+def copy_histograms(histograms: dict[K, Histogram]) -> dict[K, HistogramCopy]:
     return {
         key: histogram.copy()
         for key, histogram in zip(list(histograms), list(histograms.values()), strict=False)

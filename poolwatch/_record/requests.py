@@ -1,4 +1,4 @@
-"""Per-request facts that belong to no single pool: statements per request, by route."""
+"""Per-request facts that belong to no single pool: statements per request, by route and method."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ from .histogram import COUNT_BUCKETS, Histogram, HistogramCopy
 
 
 class RequestStats:
-    """``poolwatch_request_queries{route}``: how many statements each request ran."""
+    """``poolwatch_request_queries{route,method}``: how many statements each request ran."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queries: dict[str, Histogram] = {}
+        self._queries: dict[tuple[str, str], Histogram] = {}
 
-    def request_finished(self, route: str, queries: int) -> None:
-        with self._lock:
-            histogram = self._queries.get(route)
-            if histogram is None:
-                histogram = self._queries[route] = Histogram(COUNT_BUCKETS)
-            histogram.observe(queries)
+    def request_finished(self, labels: tuple[str, str], queries: int) -> None:
+        """Count one request's statements under its (route, method)."""
+        histogram = self._queries.get(labels)
+        if histogram is None:
+            with self._lock:
+                histogram = self._queries.setdefault(labels, Histogram(COUNT_BUCKETS))
+        histogram.observe(queries)
 
-    def snapshot(self) -> dict[str, HistogramCopy]:
-        with self._lock:
-            return {route: h.copy() for route, h in self._queries.items()}
+    def snapshot(self) -> dict[tuple[str, str], HistogramCopy]:
+        # A C-level copy first: a request may add a route meanwhile (see the recorder's docstring).
+        keys, histograms = list(self._queries), list(self._queries.values())
+        return {labels: histogram.copy() for labels, histogram in zip(keys, histograms, strict=False)}

@@ -87,7 +87,8 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_checkins_total", "counter", "Checkins.", POOL),
         _spec("poolwatch_connects_total", "counter", "New DBAPI connections opened.", POOL),
         _spec("poolwatch_disconnects_total", "counter", "DBAPI connections closed.", POOL),
-        _spec("poolwatch_timeouts_total", "counter", "Checkouts that gave up (pool limit reached).", POOL),
+        _spec("poolwatch_timeouts_total", "counter", "Checkouts that gave up (pool limit reached).", POOL, "route"),
+        _spec("poolwatch_connect_errors_total", "counter", "Attempts to open a DBAPI connection that failed.", POOL, "error"),
         _spec("poolwatch_pre_ping_failures_total", "counter", "Pre-ping found a dead connection.", POOL),
         _spec("poolwatch_invalidations_total", "counter", "Invalidated connections by reason.", POOL, "reason"),
         _spec("poolwatch_leaks_total", "counter", "Checkouts that crossed the leak threshold.", POOL, "route"),
@@ -96,10 +97,11 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_query_errors_total", "counter", "Statements that raised.", POOL, "operation", "error"),
         _spec("poolwatch_internal_errors_total", "counter", "poolwatch's own swallowed failures."),
         _spec("poolwatch_wait_seconds", "histogram", "Time spent waiting for a checkout.", POOL),
-        _spec("poolwatch_use_seconds", "histogram", "Time a connection was held, checkout to checkin.", POOL, "route"),
+        _spec("poolwatch_use_seconds", "histogram", "Time a connection was held, checkout to checkin.", POOL, "route", "method"),
         _spec("poolwatch_connect_seconds", "histogram", "Time to open a new DBAPI connection.", POOL),
         _spec("poolwatch_query_seconds", "histogram", "Statement execution time.", POOL, "operation"),
-        _spec("poolwatch_request_queries", "histogram", "Statements executed per HTTP request.", "route"),
+        _spec("poolwatch_request_queries", "histogram", "Statements executed per HTTP request.", "route", "method"),
+        _spec("poolwatch_held_idle_seconds", "histogram", "Per checkout: hold time minus time inside statements.", POOL, "route"),
     )
 }  # fmt: skip
 
@@ -136,8 +138,8 @@ def read_scrape(recorders: Iterable[NamedRecorder], requests: RequestStats | Non
         name, recorder = item if isinstance(item, tuple) else (item.name, item)
         _read_pool(scrape, name, recorder)
     if requests is not None:
-        for route, copy in requests.snapshot().items():
-            scrape.add("poolwatch_request_queries", (route,), HistogramRow(copy))
+        for labels, copy in requests.snapshot().items():
+            scrape.add("poolwatch_request_queries", labels, HistogramRow(copy))
     scrape.add("poolwatch_internal_errors_total", (), float(internal_errors.count))
     return scrape
 
@@ -161,7 +163,10 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
     add("poolwatch_checkins_total", pool, snap.checkins)
     add("poolwatch_connects_total", pool, snap.connects)
     add("poolwatch_disconnects_total", pool, snap.disconnects)
-    add("poolwatch_timeouts_total", pool, snap.timeouts)
+    for route, count in snap.timeouts.items():
+        add("poolwatch_timeouts_total", (name, route), count)
+    for error, count in snap.connect_errors.items():
+        add("poolwatch_connect_errors_total", (name, error), count)
     add("poolwatch_pre_ping_failures_total", pool, snap.pre_ping_failures)
     for reason, count in snap.invalidations.items():
         add("poolwatch_invalidations_total", (name, reason), count)
@@ -178,11 +183,13 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
     # Exemplars are read without the lock: each is one tuple, replaced whole by the hot path.
     use_exemplars = recorder.use_exemplars
     query_exemplars = recorder.query_exemplars
-    for route, copy in snap.use.items():
-        add("poolwatch_use_seconds", (name, route), HistogramRow(copy, use_exemplars.get(route)))
+    for key, copy in snap.use.items():
+        add("poolwatch_use_seconds", (name, *key), HistogramRow(copy, use_exemplars.get(key)))
     for operation, copy in snap.query.items():
         row = HistogramRow(copy, query_exemplars.get(operation))
         add("poolwatch_query_seconds", (name, operation), row)
+    for route, copy in snap.held_idle.items():
+        add("poolwatch_held_idle_seconds", (name, route), HistogramRow(copy))
 
 
 # Set while poolwatch writes its own families itself, so the registry pass skips them.

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from .._log import internal_errors, logger
-from .._record.context import RequestContext, current_request
+from .._record.context import RequestContext, current_request, labels_of
 from .exposition import serve_metrics
 from .health import HealthEndpoints
 from .http import ASGIApp, Message, Receive, Scope, Send
@@ -116,7 +116,7 @@ class Middleware:
         finally:
             current_request.reset(token)
             try:
-                self.watch.requests.request_finished(context.route, context.queries)
+                self.watch.requests.request_finished(labels_of(context), context.queries)
             except Exception as error:
                 internal_errors.record("request_finished", error)
 

@@ -72,7 +72,7 @@ from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
 from sqlalchemy.util import greenlet_spawn
 
 from .._log import internal_errors
-from .._record.context import RequestContext, current_request
+from .._record.context import NO_REQUEST, RequestContext, current_request
 from .collector import PoolState, read_pool_state
 
 if TYPE_CHECKING:
@@ -496,6 +496,7 @@ def _probe_context() -> RequestContext:
     """The request context the probe's checkouts run in, so they are filed under ``<probe>``."""
     context = RequestContext({"type": "poolwatch.probe"})
     context.resolved_route = PROBE_ROUTE
+    context.method = NO_REQUEST  # not an HTTP request
     return context
 
 

@@ -42,7 +42,8 @@ def test_checkouts_and_checkins_are_exact_under_threads() -> None:
         watch.close()
     assert snapshot.checkouts == snapshot.checkins == threads * cycles
     assert sum(snapshot.wait.counts) == threads * cycles
-    assert snapshot.use["<none>"].counts and sum(snapshot.use["<none>"].counts) == threads * cycles
+    assert sum(snapshot.use[("<none>", "<none>")].counts) == threads * cycles
+    assert sum(snapshot.held_idle["<none>"].counts) == threads * cycles
     assert snapshot.connects == len(dbapi.connections) <= 3
     assert snapshot.live.count == 0 and snapshot.pending == 0
 
@@ -57,7 +58,7 @@ def test_a_timeout_is_counted_once_and_its_wait_observed() -> None:
         snapshot = _recorder(engine).snapshot()
         held.close()
         watch.close()
-    assert snapshot.timeouts == 3
+    assert snapshot.timeouts == {"<none>": 3}
     assert snapshot.checkouts == 1 and snapshot.live.count == 1
     assert sum(snapshot.wait.counts) == 4  # every call into Pool.connect(), failed or not
     assert snapshot.pending == 0

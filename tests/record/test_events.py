@@ -145,6 +145,7 @@ def test_the_default_log_sink_keeps_the_event_names_and_fields() -> None:
         "event": "poolwatch.pool_timeout",
         "log_level": "warning",
         "pool": "logged",
+        "route": "<none>",
         "seconds_waited": logged["seconds_waited"],
         "pool_size": 1,
         "max_overflow": 0,
@@ -218,6 +219,7 @@ def test_every_event_is_frozen_slotted_and_named_like_before() -> None:
     assert sorted(kind.name for kind in EVENT_TYPES) == [
         "poolwatch.gc_reclaimed",
         "poolwatch.health_changed",
+        "poolwatch.held_idle",
         "poolwatch.leak_detected",
         "poolwatch.leak_returned",
         "poolwatch.pool_timeout",

@@ -67,8 +67,9 @@ def test_checkouts_are_labelled_with_the_route_template(engine: sa.Engine) -> No
             client.get(path)
     recorder = recorder_of(engine.pool)
     assert recorder is not None
-    uses = {route: sum(copy.counts) for route, copy in recorder.snapshot().use.items()}
-    requests = set(watch.requests.snapshot())
+    uses = {route: sum(copy.counts) for (route, method), copy in recorder.snapshot().use.items()}
+    methods = {method for (route, method) in recorder.snapshot().use}
+    requests = {route for (route, method) in watch.requests.snapshot()}
     watch.close()
     assert uses == {
         NO_REQUEST: 0,
@@ -77,6 +78,7 @@ def test_checkouts_are_labelled_with_the_route_template(engine: sa.Engine) -> No
         "/sub/things/{thing_id}": 1,
         "/plain/{name}": 1,
     }
+    assert methods == {"<none>", "GET"}
     assert UNMATCHED in requests  # statements per request, for the path no route matched
     assert not any(raw in str(uses) for raw in ("/users/1", "/items/a", "/things/x", "/plain/p"))
 
