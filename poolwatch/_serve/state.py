@@ -94,7 +94,7 @@ class StateBuilder:
             samples.append(sample)
         window = _window(samples, snap.wait.bounds)
         pool = recorder.pool
-        connections = _connections(recorder)
+        out, connections = _connections(recorder)
         sizing = advise(state.max, window, snap.live.leaked)
         first = samples[0].at
         return {
@@ -136,7 +136,7 @@ class StateBuilder:
                 "reason": sizing.reason,
                 "suggested_max": sizing.suggested_max,
             },
-            "connections_out": snap.live.count,
+            "connections_out": out,
             "connections": connections,
         }
 
@@ -220,8 +220,8 @@ def _site(site: tuple[CodeType, int] | None) -> tuple[str, str]:
     return where, function
 
 
-def _connections(recorder: PoolRecorder) -> list[dict[str, Any]]:
-    """The checkouts out now, oldest first."""
+def _connections(recorder: PoolRecorder) -> tuple[int, list[dict[str, Any]]]:
+    """How many checkouts are out now, and a row for each (oldest first, up to a bound)."""
     # A C-level copy, no lock: a checkin nested here by the garbage collector cannot break it.
     entries = list(recorder.open_checkouts.values())
     entries.sort(key=_started)
@@ -246,7 +246,7 @@ def _connections(recorder: PoolRecorder) -> list[dict[str, Any]]:
                 "leaked": threshold > 0 and age > threshold,
             }
         )
-    return rows
+    return len(entries), rows
 
 
 def _started(entry: tuple[Any, ...]) -> float:
