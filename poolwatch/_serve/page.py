@@ -98,12 +98,11 @@ class LivePage:
         try:
             names = watch.pool_names
             recorders = list(zip(names, watch.recorders, strict=False))
-            payload = self.builder.build(recorders, watch.requests)
-            body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+            body = self.builder.build(recorders, watch.requests).encode("utf-8")
         except Exception as error:
             internal_errors.record("live_page_state", error)
-            body = b'{"detail":"poolwatch could not read its state; see poolwatch_internal_errors_total"}'
-            return Rendered(body, "application/json", [], 500)
+            failed = b'{"detail":"poolwatch could not read its state; see poolwatch_internal_errors_total"}'
+            return Rendered(failed, "application/json", [], 500)
         return Rendered(body, "application/json", [(b"x-content-type-options", b"nosniff")])
 
     def _allowed(self, authorization: str | None, query_token: str | None, cookie_token: str | None) -> bool:

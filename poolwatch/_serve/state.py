@@ -12,19 +12,20 @@ everything else is built from those copies.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from json.encoder import encode_basestring_ascii
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from .._record.context import NO_REQUEST, RequestContext
+from .._record.context import NO_REQUEST, UNMATCHED, RequestContext
 from .._record.events import Event, describe_site, recent
 from .._record.histogram import HistogramCopy
-from .._record.recorder import RecorderSnapshot
 from .collector import read_pool_state
-from .history import WINDOW_SECONDS, PoolHistory, Sample
+from .history import WINDOW_SECONDS, HistoryView, PoolHistory, Sample
 from .sizing import Window, advise
 
 if TYPE_CHECKING:
@@ -38,17 +39,33 @@ MAX_ROUTES = 25
 MAX_EVENTS = 50
 
 perf_counter = time.perf_counter
+_JSON_BOOL = ("false", "true")
+# Compact, and refusing NaN (not JSON); the answer is a tree of fresh values, so no cycle check.
+encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False).encode
+# A str as a JSON string, escaped to ASCII: the json module's own C function, what encode() calls
+# for every string; used directly for the few strings of a checkout's row.
+quoted: Callable[[str], str] = encode_basestring_ascii
 
 
 class StateBuilder:
     """Builds the JSON payload; keeps the pools' histories between reads."""
 
     def __init__(self) -> None:
-        self._histories: weakref.WeakKeyDictionary[PoolRecorder, PoolHistory] = weakref.WeakKeyDictionary()
+        self.histories: weakref.WeakKeyDictionary[PoolRecorder, PoolHistory] = weakref.WeakKeyDictionary()
+        # Per pool: id(checkout entry) -> (entry, its row's fixed part as JSON).
+        self._rows: weakref.WeakKeyDictionary[PoolRecorder, dict[int, tuple[tuple[Any, ...], str]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # id of a recent (time, event) pair -> (that pair, its row as JSON): events never change.
+        self._event_rows: dict[int, tuple[tuple[float, Event], str]] = {}
 
-    def build(
-        self, recorders: Iterable[tuple[str, PoolRecorder]], requests: RequestStats | None
-    ) -> dict[str, Any]:
+    def build(self, recorders: Iterable[tuple[str, PoolRecorder]], requests: RequestStats | None) -> str:
+        """The answer as JSON text.
+
+        Assembled from pieces, each encoded by ``json``: the rows that do not change between reads
+        (a checkout's route and site, an event) are encoded once and reused while they last, which
+        is most of the answer with hundreds of checkouts out.
+        """
         now_wall = time.time()
         pools = []
         use_by_route: dict[str, list[float]] = {}  # route -> [seconds held, checkins]
@@ -57,125 +74,204 @@ class StateBuilder:
             names.add(name)
             pools.append(self._pool(name, recorder, use_by_route))
         queries = requests.snapshot() if requests is not None else {}
-        return {
+        head = {
             "format": FORMAT,
             "generated_at": round(now_wall, 3),
             "window_seconds": WINDOW_SECONDS,
-            "pools": pools,
             "routes_by_connection_time": _routes_by_connection_time(use_by_route),
             "routes_by_queries": _routes_by_queries(queries),
-            "events": _events(recent(), names),
         }
+        events = self._events(recent(), names)
+        return f'{encode(head)[:-1]},"pools":[{",".join(pools)}],"events":[{",".join(events)}]}}'
 
-    def _pool(
-        self, name: str, recorder: PoolRecorder, use_by_route: dict[str, list[float]]
-    ) -> dict[str, Any]:
-        snap = recorder.snapshot()
-        state = read_pool_state(recorder, snap.live.count)
+    def forget(self) -> None:
+        """Drop what is reused between reads (encoded rows, the history's columns): the next read
+        costs what one costs when every checkout, event and sample is new since the last."""
+        self._rows.clear()
+        self._event_rows = {}
+        for history in list(self.histories.values()):
+            history.forget_view()
+
+    def _connections(self, recorder: PoolRecorder) -> tuple[int, list[str], float, int]:
+        """How many checkouts are out now, a JSON row for each (oldest first, up to a bound), the
+        age of the oldest and how many are past the leak threshold."""
+        # A C-level copy, no lock: a checkin nested here by the garbage collector cannot break it.
+        entries = list(recorder.open_checkouts.values())
+        entries.sort(key=_started)
+        now = perf_counter()
+        threshold = recorder.leak_threshold if recorder.leak_threshold > 0 else math.inf
+        oldest = now - entries[0][0] if entries else 0.0
+        leaked_count = 0
+        for entry in entries:
+            if now - entry[0] <= threshold:
+                break  # oldest first: the rest are younger
+            leaked_count += 1
+        # What a checkout's row says besides its age and counts never changes while it is out:
+        # encoded once, kept while the checkout is (the cache is rebuilt from this read's rows).
+        known = self._rows.get(recorder, {})
+        fragments: dict[int, tuple[tuple[Any, ...], str]] = {}
+        rows: list[str] = []
+        add = rows.append
+        for entry in entries[:MAX_ROWS_PER_POOL]:
+            age = now - entry[0]
+            key = id(entry)
+            cached = known.get(key)
+            if cached is not None and cached[0] is entry:
+                fixed = cached[1]
+                fragments[key] = cached
+            else:
+                fixed, lasting = _fixed_fragment(entry)
+                if lasting:
+                    fragments[key] = (entry, fixed)
+            # The dialect hook's running count, once the capture side keeps one (a trailing field).
+            counts = "null,null"
+            if len(entry) > 7:
+                usage = entry[7]
+                counts = f"{int(usage[0])},{int(usage[1] * 1000)}"
+            add(f"[{int(age * 1000)},{fixed},{counts},{_JSON_BOOL[age > threshold]}]")
+        self._rows[recorder] = fragments
+        return len(entries), rows, oldest, leaked_count
+
+    def _events(self, events: list[tuple[float, Event]], pools: set[str]) -> list[str]:
+        """The last events about these pools as JSON, newest first, without stacks."""
+        rows: list[str] = []
+        known = self._event_rows
+        seen: dict[int, tuple[tuple[float, Event], str]] = {}
+        for item in reversed(events):
+            if item[1].pool not in pools:
+                continue
+            cached = known.get(id(item))
+            row = cached[1] if cached is not None and cached[0] is item else encode(_event_row(*item))
+            seen[id(item)] = (item, row)
+            rows.append(row)
+            if len(rows) >= MAX_EVENTS:
+                break
+        self._event_rows = seen
+        return rows
+
+    def _pool(self, name: str, recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> str:
+        # Not recorder.snapshot(): that copies every histogram under the lock for Prometheus'
+        # exact pairings, and the page needs a few numbers. Each is read here without the lock, in
+        # C-level copies, so a count may be one checkin behind another: fine for a page a person
+        # reads, and nothing here can meet a checkin that the garbage collector nests inside.
+        out, connections, oldest, leaked = self._connections(recorder)
+        state = read_pool_state(recorder, out)
+        pending = recorder.pending
         now = time.monotonic()
-        held_seconds, held_count = _add_use(snap, use_by_route)
+        held_seconds, held_count = _add_use(recorder, use_by_route)
+        wait = recorder.wait
         sample = Sample(
             at=now,
             used=state.used,
             idle=state.idle,
-            pending=snap.pending,
-            checkouts=snap.checkouts,
-            timeouts=snap.timeouts,
-            wait_counts=tuple(snap.wait.counts),
+            pending=pending,
+            checkouts=recorder.checkouts,
+            timeouts=recorder.timeouts,
+            wait_counts=tuple(wait.counts),
             held_seconds=held_seconds,
             held_count=held_count,
         )
-        history = self._histories.get(recorder)
+        history = self.histories.get(recorder)
         if history is None:
-            history = self._histories[recorder] = PoolHistory()
-        history.add(sample)
-        samples = history.samples()
-        if not samples or samples[-1] is not sample:
-            samples.append(sample)
-        window = _window(samples, snap.wait.bounds)
+            history = self.histories[recorder] = PoolHistory()
+        kept = history.add(sample)
+        view = history.view()
+        # The reading of now, when too close to the last kept sample to be kept itself, still
+        # counts as the window's end and as the newest point of the chart.
+        now_extra = () if kept else (sample,)
+        window = _window(view, sample, now_extra, wait.bounds)
         pool = recorder.pool
-        out, connections = _connections(recorder)
-        sizing = advise(state.max, window, snap.live.leaked)
-        first = samples[0].at
-        return {
-            "name": name,
-            "dialect": recorder.dialect,
-            "driver": recorder.driver,
-            "pool_class": type(pool).__name__ if pool is not None else "unknown",
-            "leak_threshold_seconds": recorder.leak_threshold,
-            "now": {
-                "used": state.used,
-                "idle": state.idle,
-                "max": state.max,
-                "overflow": state.overflow,
-                "pending": snap.pending,
-                "oldest_checkout_seconds": round(snap.live.oldest_age, 3),
-                "leaked": snap.live.leaked,
-            },
-            "history": {
-                "seconds_ago": [round(now - s.at, 1) for s in samples],
-                "used": [s.used for s in samples],
-                "idle": [s.idle for s in samples],
-                "pending": [s.pending for s in samples],
-            },
-            "window": {
-                "seconds": round(window.seconds, 1),
-                "since_seconds_ago": round(now - first, 1),
-                "checkouts": window.checkouts,
-                "timeouts": window.timeouts,
-                "wait_p95_seconds": _round(window.wait_p95, 6),
-                "checkout_rate_per_second": round(window.checkout_rate, 3),
-                "mean_hold_seconds": _round(window.mean_hold, 6),
-                "mean_in_use": round(window.mean_in_use, 3),
-                "mean_used_sampled": round(window.mean_used, 3),
-                "peak_used": window.peak_used,
-                "max_pending": window.max_pending,
-            },
-            "sizing": {
-                "verdict": sizing.verdict,
-                "reason": sizing.reason,
-                "suggested_max": sizing.suggested_max,
-            },
-            "connections_out": out,
-            "connections": connections,
-        }
+        sizing = advise(state.max, window, leaked)
+        first = view.at[0]
+        pool_json = encode(
+            {
+                "name": name,
+                "dialect": recorder.dialect,
+                "driver": recorder.driver,
+                "pool_class": type(pool).__name__ if pool is not None else "unknown",
+                "leak_threshold_seconds": recorder.leak_threshold,
+                "now": {
+                    "used": state.used,
+                    "idle": state.idle,
+                    "max": state.max,
+                    "overflow": state.overflow,
+                    "pending": pending,
+                    "oldest_checkout_seconds": round(oldest, 3),
+                    "leaked": leaked,
+                },
+                "history": {
+                    # Whole seconds: samples are about a second apart, and ints encode fast.
+                    "seconds_ago": [int(now - at + 0.5) for at in view.at] + [0] * len(now_extra),
+                    "used": [*view.used, *(s.used for s in now_extra)],
+                    "idle": [*view.idle, *(s.idle for s in now_extra)],
+                    "pending": [*view.pending, *(s.pending for s in now_extra)],
+                },
+                "window": {
+                    "seconds": round(window.seconds, 1),
+                    "since_seconds_ago": round(now - first, 1),
+                    "checkouts": window.checkouts,
+                    "timeouts": window.timeouts,
+                    "wait_p95_seconds": _round(window.wait_p95, 6),
+                    "checkout_rate_per_second": round(window.checkout_rate, 3),
+                    "mean_hold_seconds": _round(window.mean_hold, 6),
+                    "mean_in_use": round(window.mean_in_use, 3),
+                    "mean_used_sampled": round(window.mean_used, 3),
+                    "peak_used": window.peak_used,
+                    "max_pending": window.max_pending,
+                },
+                "sizing": {
+                    "verdict": sizing.verdict,
+                    "reason": sizing.reason,
+                    "suggested_max": sizing.suggested_max,
+                },
+                "connections_out": out,
+                "connection_fields": CONNECTION_FIELDS,
+            }
+        )
+        return f'{pool_json[:-1]},"connections":[{",".join(connections)}]}}'
 
 
-def _add_use(snap: RecorderSnapshot, use_by_route: dict[str, list[float]]) -> tuple[float, int]:
+def _add_use(recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> tuple[float, int]:
     """Totals of the hold-time histograms, added per route to ``use_by_route`` as well."""
     held_seconds = 0.0
     held_count = 0
-    for route, copy in snap.use.items():
-        count = sum(copy.counts)
-        held_seconds += copy.total
+    use = recorder.use
+    # Keys, then values: both C-level copies, and routes are only ever added, so they pair up by
+    # position (see the recorder's docstring).
+    for route, histogram in zip(list(use), list(use.values()), strict=False):
+        count = sum(histogram.counts)
+        total = histogram.total
+        held_seconds += total
         held_count += count
         if count:
             totals = use_by_route.get(route)
             if totals is None:
                 totals = use_by_route[route] = [0.0, 0]
-            totals[0] += copy.total
+            totals[0] += total
             totals[1] += count
     return held_seconds, held_count
 
 
-def _window(samples: list[Sample], wait_bounds: tuple[float, ...]) -> Window:
-    first, last = samples[0], samples[-1]
+def _window(
+    view: HistoryView, last: Sample, extra: tuple[Sample, ...], wait_bounds: tuple[float, ...]
+) -> Window:
+    first = view.samples[0]
     seconds = last.at - first.at
-    checkouts = last.checkouts - first.checkouts
     held = last.held_seconds - first.held_seconds
     returned = last.held_count - first.held_count
     waits = [b - a for a, b in zip(first.wait_counts, last.wait_counts, strict=True)]
+    count = len(view.samples) + len(extra)
     return Window(
         seconds=seconds,
-        checkouts=checkouts,
+        checkouts=last.checkouts - first.checkouts,
         timeouts=last.timeouts - first.timeouts,
         wait_p95=quantile(0.95, wait_bounds, waits),
         checkout_rate=returned / seconds if seconds > 0 else 0.0,
         mean_hold=held / returned if returned > 0 else None,
         mean_in_use=held / seconds if seconds > 0 else 0.0,
-        peak_used=max(s.used for s in samples),
-        mean_used=sum(s.used for s in samples) / len(samples),
-        max_pending=max(s.pending for s in samples),
+        peak_used=max(view.peak_used, *(s.used for s in extra)) if extra else view.peak_used,
+        mean_used=(view.sum_used + sum(s.used for s in extra)) / count,
+        max_pending=max(view.max_pending, *(s.pending for s in extra)) if extra else view.max_pending,
     )
 
 
@@ -199,65 +295,51 @@ def quantile(q: float, bounds: tuple[float, ...], counts: list[int]) -> float | 
 
 # -- connections out now ---------------------------------------------------------------------------
 
-# (id(code), offset) -> (code, site, function): a site is described once, not once per read. The
-# code object is kept in the value so a reused id is never taken for another function.
-_sites: dict[tuple[int, int], tuple[CodeType, str, str]] = {}
+# (id(code), offset) -> (code, '"file:line","function"'): a site is described and encoded once,
+# not once per read. The code object is kept in the value so a reused id is never taken for
+# another function.
+_sites: dict[tuple[int, int], tuple[CodeType, str]] = {}
 _MAX_SITES = 4096
+_UNKNOWN_SITE = ",".join(map(quoted, describe_site(None)))
 
 
-def _site(site: tuple[CodeType, int] | None) -> tuple[str, str]:
+def _site_fragment(site: tuple[CodeType, int] | None) -> str:
     if site is None:
-        return describe_site(None)
+        return _UNKNOWN_SITE
     code, offset = site
     key = (id(code), offset)
     known = _sites.get(key)
     if known is not None and known[0] is code:
-        return known[1], known[2]
-    where, function = describe_site(site)
+        return known[1]
+    fragment = ",".join(map(quoted, describe_site(site)))
     if len(_sites) >= _MAX_SITES:
         _sites.clear()
-    _sites[key] = (code, where, function)
-    return where, function
+    _sites[key] = (code, fragment)
+    return fragment
 
 
-def _connections(recorder: PoolRecorder) -> tuple[int, list[dict[str, Any]]]:
-    """How many checkouts are out now, and a row for each (oldest first, up to a bound)."""
-    # A C-level copy, no lock: a checkin nested here by the garbage collector cannot break it.
-    entries = list(recorder.open_checkouts.values())
-    entries.sort(key=_started)
-    now = perf_counter()
-    threshold = recorder.leak_threshold
-    rows = []
-    for entry in entries[:MAX_ROWS_PER_POOL]:
-        age = now - entry[0]
-        request: RequestContext | None = entry[1]
-        site, function = _site(entry[3])
-        # The dialect hook's running count, once the capture side keeps one (a trailing field).
-        usage = entry[7] if len(entry) > 7 else None
-        rows.append(
-            {
-                "age_seconds": round(age, 3),
-                "route": NO_REQUEST if request is None else request.route,
-                "method": _method(request),
-                "site": site,
-                "function": function,
-                "statements": None if usage is None else int(usage[0]),
-                "statement_seconds": None if usage is None else round(float(usage[1]), 6),
-                "leaked": threshold > 0 and age > threshold,
-            }
-        )
-    return len(entries), rows
+# The columns of "connections": rows are arrays in this order, which keeps the answer small and
+# quick to encode with hundreds of checkouts out (each row as an object repeats every key).
+CONNECTION_FIELDS = ("age_ms", "method", "route", "site", "function", "statements", "statement_ms", "leaked")
+
+
+def _fixed_fragment(entry: tuple[Any, ...]) -> tuple[str, bool]:
+    """``"method","route","site","function"`` of a checkout's row, as JSON without brackets, and
+    whether it lasts: not while the request's route is unknown, since routing may still find it."""
+    request: RequestContext | None = entry[1]
+    method: Any = NO_REQUEST
+    if request is None:
+        route = NO_REQUEST
+    else:
+        route = request.route
+        method = request.scope.get("method")
+        if not isinstance(method, str):
+            method = NO_REQUEST
+    return f"{quoted(method)},{quoted(route)},{_site_fragment(entry[3])}", route != UNMATCHED
 
 
 def _started(entry: tuple[Any, ...]) -> float:
     return float(entry[0])
-
-
-def _method(request: RequestContext | None) -> str:
-    if request is None:
-        return NO_REQUEST
-    method = request.scope.get("method")
-    return method if isinstance(method, str) else NO_REQUEST
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -300,19 +382,11 @@ def _routes_by_queries(queries: dict[str, HistogramCopy]) -> list[dict[str, Any]
 _PREFIX = "poolwatch."
 
 
-def _events(events: list[tuple[float, Event]], pools: set[str]) -> list[dict[str, Any]]:
-    """The last events about these pools, newest first, without stacks."""
-    rows: list[dict[str, Any]] = []
-    for at, event in reversed(events):
-        if event.pool not in pools:
-            continue
-        fields = event.fields()
-        fields.pop("stack", None)
-        kind = event.name[len(_PREFIX) :] if event.name.startswith(_PREFIX) else event.name
-        rows.append({"time": round(at, 3), "kind": kind, "level": event.level, **fields})
-        if len(rows) >= MAX_EVENTS:
-            break
-    return rows
+def _event_row(at: float, event: Event) -> dict[str, Any]:
+    fields = event.fields()
+    fields.pop("stack", None)  # a source line can hold a literal
+    kind = event.name[len(_PREFIX) :] if event.name.startswith(_PREFIX) else event.name
+    return {"time": round(at, 3), "kind": kind, "level": event.level, **fields}
 
 
 def _round(value: float | None, digits: int) -> float | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import json
 import re
 import sys
 import time
@@ -50,6 +51,15 @@ def _app(engine: sa.Engine, registry: CollectorRegistry, **settings: Any) -> Fas
 
     poolwatch.instrument(app, engine, registry=registry, name="main", **settings)
     return app
+
+
+def _build(recorders: list[tuple[str, Any]]) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads(StateBuilder().build(recorders, None))
+    return answer
+
+
+def _rows(pool: dict[str, Any]) -> list[dict[str, Any]]:
+    return [dict(zip(pool["connection_fields"], values, strict=True)) for values in pool["connections"]]
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -198,11 +208,15 @@ def test_a_connection_out_shows_its_site_route_and_age(
     assert pool["name"] == "main"
     assert pool["now"]["used"] == 1 and pool["now"]["max"] == 3
     assert pool["connections_out"] == 1
-    (row,) = pool["connections"]
+    assert pool["connection_fields"] == [
+        "age_ms", "method", "route", "site", "function", "statements", "statement_ms", "leaked"
+    ]  # fmt: skip
+    (values,) = pool["connections"]
+    row = dict(zip(pool["connection_fields"], values, strict=True))
     assert row["site"] == f"{__file__}:{line}"
     assert row["function"] == "test_a_connection_out_shows_its_site_route_and_age"
     assert row["route"] == "<none>" and row["method"] == "<none>"
-    assert row["leaked"] is False and row["age_seconds"] >= 0
+    assert row["leaked"] is False and isinstance(row["age_ms"], int) and row["age_ms"] >= 0
     # The capture side does not count statements per checkout yet: unknown, not zero.
     assert row["statements"] is None
     by_time = {r["route"]: r for r in state["routes_by_connection_time"]}
@@ -227,10 +241,10 @@ def test_statements_are_read_from_the_checkout_when_the_capture_side_keeps_them(
         # The trailing field the dialect hook is to keep: [statements, seconds in statements].
         recorder.open_checkouts[record] = (*entry, [7, 0.25])  # type: ignore[assignment]
         try:
-            (row,) = StateBuilder().build([("main", recorder)], None)["pools"][0]["connections"]
+            (row,) = _rows(_build([("main", recorder)])["pools"][0])
         finally:
             recorder.open_checkouts[record] = entry
-    assert row["statements"] == 7 and row["statement_seconds"] == 0.25
+    assert row["statements"] == 7 and row["statement_ms"] == 250
 
 
 def test_leaks_are_flagged_oldest_first(engine: sa.Engine, registry: CollectorRegistry) -> None:
@@ -241,13 +255,13 @@ def test_leaks_are_flagged_oldest_first(engine: sa.Engine, registry: CollectorRe
         time.sleep(0.1)  # the leak threshold is the behaviour here: a deadline, passed by far
         second = engine.connect()
         try:
-            rows = StateBuilder().build([("main", recorder)], None)["pools"][0]["connections"]
+            rows = _rows(_build([("main", recorder)])["pools"][0])
         finally:
             second.close()
     finally:
         first.close()
     assert [row["leaked"] for row in rows] == [True, False]
-    assert rows[0]["age_seconds"] > rows[1]["age_seconds"]
+    assert rows[0]["age_ms"] > rows[1]["age_ms"]
 
 
 def test_events_of_the_watched_pools_come_newest_first_without_stacks(
@@ -257,7 +271,7 @@ def test_events_of_the_watched_pools_come_newest_first_without_stacks(
     emit(LeakDetected("main", "/a", 31.0, 30.0, "app.py:3", "handler", stack="SELECT 'secret'"))
     emit(GcReclaimed("other-pool", "/b", 1.0, "app.py:4", "lost"))
     emit(GcReclaimed("main", "/c", 2.0, "app.py:5", "lost"))
-    events = StateBuilder().build(list(zip(watch.pool_names, watch.recorders, strict=True)), None)["events"]
+    events = _build(list(zip(watch.pool_names, watch.recorders, strict=True)))["events"]
     assert [(e["kind"], e["route"]) for e in events[:2]] == [("gc_reclaimed", "/c"), ("leak_detected", "/a")]
     assert all(e["pool"] == "main" for e in events)
     assert all("stack" not in e for e in events)
