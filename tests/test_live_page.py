@@ -187,6 +187,11 @@ def test_page_loads_without_console_errors_and_the_numbers_move(
 
 
 def test_a_leaked_connection_appears_with_its_route_and_site(demo: Demo, browser: webdriver.Chrome) -> None:
+    screenshot = os.environ.get("POOLWATCH_LIVE_PAGE_SCREENSHOT")
+    if screenshot:
+        # A picture worth keeping shows the sizing hint, which needs 10 s of watching.
+        verdict = "return Array.from(document.querySelectorAll('.sizing'), (e) => e.className).join()"
+        _wait_for(browser, "a sizing verdict", lambda d: "unknown" not in d.execute_script(verdict), demo)
     answer = httpx.post(f"{demo.base}/misbehave/leak", params={"seconds": 25})
     assert answer.status_code == 202, answer.text
     _, first_line = inspect.getsourcelines(misbehave._hold_in_background)
@@ -205,7 +210,6 @@ def test_a_leaked_connection_appears_with_its_route_and_site(demo: Demo, browser
     assert row["site"] == expected_site
     assert row["function"] == "_hold_in_background"
     assert row["leak"] == "LEAK"
-    screenshot = os.environ.get("POOLWATCH_LIVE_PAGE_SCREENSHOT")
     if screenshot:
         browser.save_screenshot(str(ROOT / screenshot))
     assert _severe_console_messages(browser) == []

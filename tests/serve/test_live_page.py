@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import re
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -139,6 +140,23 @@ def test_the_page_is_self_contained_and_its_script_allowed_by_hash(
     assert f"script-src 'sha256-{digest}'" in csp
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
     assert answer.headers["referrer-policy"] == "no-referrer"
+
+
+def test_in_sidecar_mode_the_page_stays_on_the_applications_port(
+    engine: sa.Engine, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POOLWATCH_METRICS_HOST", "127.0.0.1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    app = FastAPI()
+    watch = poolwatch.instrument(app, engine, registry=registry, name="main", metrics_port=port, ui="always")
+    try:
+        with TestClient(app) as client:
+            assert client.get("/metrics").status_code == 404  # moved to the metrics port
+            assert client.get("/poolwatch/state").json()["pools"][0]["name"] == "main"
+    finally:
+        watch.close()
 
 
 def test_mounted_under_a_root_path(engine: sa.Engine, registry: CollectorRegistry) -> None:
