@@ -153,10 +153,12 @@ def build_settings(overrides: Mapping[str, Any]) -> PoolWatchSettings:
             "poolwatch: invalid setting health_token (POOLWATCH_HEALTH_TOKEN): "
             "required when health_details is 'token'"
         )
-    if settings.ui == "token" and settings.ui_secret is None:
+    secret = settings.ui_secret
+    if settings.ui == "token" and (secret is None or not secret.get_secret_value().strip()):
         raise ValueError(
-            "poolwatch: invalid setting ui_token (POOLWATCH_UI_TOKEN): required when ui is 'token' "
-            "(or set health_token, POOLWATCH_HEALTH_TOKEN, which the live page then uses)"
+            "poolwatch: invalid setting ui_token (POOLWATCH_UI_TOKEN): a non-empty token is required "
+            "when ui is 'token' (or set health_token, POOLWATCH_HEALTH_TOKEN, which the live page "
+            "then uses)"
         )
     if settings.multiproc_dir is not None:
         _check_multiproc_dir(settings.multiproc_dir, overrides)

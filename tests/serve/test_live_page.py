@@ -70,7 +70,8 @@ def _rows(pool: dict[str, Any]) -> list[dict[str, Any]]:
     ("settings", "message"),
     [
         ({"ui": "sometimes"}, "invalid setting ui (POOLWATCH_UI)"),
-        ({"ui": "token"}, "invalid setting ui_token (POOLWATCH_UI_TOKEN): required when ui is 'token'"),
+        ({"ui": "token"}, "invalid setting ui_token (POOLWATCH_UI_TOKEN): a non-empty token is required"),
+        ({"ui": "token", "ui_token": " "}, "invalid setting ui_token (POOLWATCH_UI_TOKEN)"),
         ({"ui_path": "/"}, "invalid setting ui_path (POOLWATCH_UI_PATH)"),
         ({"ui_path": "poolwatch"}, "invalid setting ui_path (POOLWATCH_UI_PATH)"),
         ({"ui_path": "/pool watch"}, "invalid setting ui_path (POOLWATCH_UI_PATH)"),
