@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,8 +41,13 @@ def create_app(settings: DemoSettings | None = None, registry: CollectorRegistry
         from .misbehave import router as misbehaving
 
         app.include_router(misbehaving, prefix="/misbehave")
-    # The one line: metrics on /metrics, health on /health/*, every checkout attributed.
-    pool_watch = poolwatch.instrument(app, registry=registry)
+    # The one line: metrics on /metrics, health on /health/*, every checkout attributed. The demo
+    # also shows the live page (/poolwatch), which poolwatch leaves off unless asked; POOLWATCH_UI
+    # in the environment (token, never) still decides, since a keyword would override it.
+    if "POOLWATCH_UI" in os.environ:
+        pool_watch = poolwatch.instrument(app, registry=registry)
+    else:
+        pool_watch = poolwatch.instrument(app, registry=registry, ui="always")
     return app
 
 

@@ -64,6 +64,11 @@ class PoolWatchSettings(BaseSettings):
         validation_alias=AliasChoices("multiproc_dir", "POOLWATCH_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC_DIR"),
     )
     multiproc_interval_seconds: float = Field(1.0, ge=0.01, le=3600, allow_inf_nan=False)
+    # The live page (``_serve/page.py``): off unless asked for, since it shows code sites and routes.
+    ui: Literal["never", "token", "always"] = "never"
+    ui_path: str = "/poolwatch"
+    # Falls back to health_token: one secret for everything behind a bearer token.
+    ui_token: SecretStr | None = None
 
     @field_validator("metrics_path", "health_db_path", "health_live_path", mode="before")
     @classmethod
@@ -96,6 +101,20 @@ class PoolWatchSettings(BaseSettings):
             raise ValueError("must be an absolute URL path such as '/metrics'")
         return value
 
+    @field_validator("ui_path")
+    @classmethod
+    def _ui_path_is_a_page(cls, value: str) -> str:
+        # The JSON lives at <ui_path>/state, so a trailing slash would make "//state".
+        trimmed = value.rstrip("/")
+        if not value.startswith("/") or not trimmed or any(c.isspace() or c in "?#" for c in value):
+            raise ValueError("must be an absolute URL path other than '/', such as '/poolwatch'")
+        return trimmed
+
+    @property
+    def ui_secret(self) -> SecretStr | None:
+        """The live page's bearer token: its own, else the health token."""
+        return self.ui_token if self.ui_token is not None else self.health_token
+
 
 class SettingsKeywords(TypedDict, total=False):
     """The settings as keyword arguments (``watch(engine, leak_threshold_seconds=5)``), for type
@@ -121,6 +140,9 @@ class SettingsKeywords(TypedDict, total=False):
     tracing: bool
     multiproc_dir: str | os.PathLike[str] | None
     multiproc_interval_seconds: float
+    ui: Literal["never", "token", "always"]
+    ui_path: str
+    ui_token: str | SecretStr | None
 
 
 def build_settings(overrides: Mapping[str, Any]) -> PoolWatchSettings:
@@ -134,6 +156,13 @@ def build_settings(overrides: Mapping[str, Any]) -> PoolWatchSettings:
         raise ValueError(
             "poolwatch: invalid setting health_token (POOLWATCH_HEALTH_TOKEN): "
             "required when health_details is 'token'"
+        )
+    secret = settings.ui_secret
+    if settings.ui == "token" and (secret is None or not secret.get_secret_value().strip()):
+        raise ValueError(
+            "poolwatch: invalid setting ui_token (POOLWATCH_UI_TOKEN): a non-empty token is required "
+            "when ui is 'token' (or set health_token, POOLWATCH_HEALTH_TOKEN, which the live page "
+            "then uses)"
         )
     if settings.multiproc_dir is not None:
         _check_multiproc_dir(settings.multiproc_dir, overrides)

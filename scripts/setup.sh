@@ -32,6 +32,19 @@ if [ "$purpose" = test ]; then
         "install it with: apt-get install --no-install-recommends prometheus" >&2
     fi
   fi
+  # Debian's `chromium` and `chromium-driver` (the matching chromedriver): tests/test_live_page.py
+  # drives the live page headless through Selenium. The driver is Debian's, so it always matches the
+  # browser; nothing downloads a browser build of its own.
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing the Debian packages the tests need: chromium, chromium-driver (live page tests)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    else
+      echo "setup: the live page tests need Debian's chromium and chromium-driver and they are missing;" \
+        "install them with: apt-get install --no-install-recommends chromium chromium-driver" >&2
+    fi
+  fi
 fi
 
 # -- the virtualenv ------------------------------------------------------------------------------

@@ -103,3 +103,16 @@ def test_callgrind_reader_own_and_inclusive_costs(instructions: ModuleType, tmp_
     assert profile.self_cost == {instructions.INTERPRETER: 105, "dict_get": 40, "code_hash": 20}
     assert profile.inclusive == {"_PyEval_EvalFrameDefault": 165, "dict_get": 60, "code_hash": 20}
     assert instructions.read_total(sample) == 165
+
+
+def test_live_page_benchmark_prints_its_table() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "live_page.py"), "--iterations", "3"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3 pools x 50 routes x 100 live checkouts per pool" in result.stdout
+    for label in ("| warm: read after read |", "| cold: nothing reused from the last read |"):
+        row = next(line for line in result.stdout.splitlines() if line.startswith(label))
+        assert float(row.split("|")[2]) > 0

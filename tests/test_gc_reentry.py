@@ -31,6 +31,7 @@ from poolwatch._record.leaks import sweeper
 from poolwatch._record.recorder import PoolRecorder
 from poolwatch._serve.exposition import render
 from poolwatch._serve.probe import read_state
+from poolwatch._serve.state import StateBuilder
 from tests.metrics import scrape
 
 # A deadlocked sweep never finishes; a healthy one takes seconds. Far apart on any machine.
@@ -149,7 +150,14 @@ def _assert_all_returned(engine: sa.Engine, registry: CollectorRegistry, leaks: 
 
 @pytest.mark.parametrize(
     "path_name",
-    ["registry_collect", "direct_render", "live_checkouts", "health_state", "checkout_checkin"],
+    [
+        "registry_collect",
+        "direct_render",
+        "live_checkouts",
+        "health_state",
+        "checkout_checkin",
+        "live_page_state",
+    ],
 )
 def test_reading_paths_survive_collector_reentry(
     engine: sa.Engine, registry: CollectorRegistry, path_name: str
@@ -162,6 +170,10 @@ def test_reading_paths_survive_collector_reentry(
         with engine.connect():
             pass
 
+    # The live page's JSON: copies the checkout table and the recent events (each reclaimed
+    # connection adds one while the copy runs).
+    page_state = StateBuilder()
+
     paths: dict[str, Callable[[], object]] = {
         "registry_collect": lambda: list(registry.collect()),
         "direct_render": lambda: render(
@@ -170,6 +182,7 @@ def test_reading_paths_survive_collector_reentry(
         "live_checkouts": recorder.live_checkouts,
         "health_state": lambda: read_state(recorder),
         "checkout_checkin": checkout_checkin,
+        "live_page_state": lambda: page_state.build([("gc", recorder)], watch.requests),
     }
     tried = _run_bounded(lambda: _sweep_allocation_points(engine, paths[path_name]))
     assert tried >= 2, "the path allocated nothing: the sweep proved nothing"

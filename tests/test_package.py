@@ -120,6 +120,8 @@ def test_the_wheel_ships_py_typed_and_only_the_package(built: Built) -> None:
         metadata = wheel.read(f"poolwatch-{VERSION}.dist-info/METADATA").decode()
     assert "poolwatch/py.typed" in names
     assert "poolwatch/__init__.py" in names and "poolwatch/gunicorn.py" in names
+    # The live page is package data: served from the installed package, not from a checkout.
+    assert "poolwatch/_serve/static/poolwatch.html" in names
     top_level = {name.split("/", 1)[0] for name in names}
     assert top_level == {"poolwatch", f"poolwatch-{VERSION}.dist-info"}, top_level
     # README is the long description, rendered as Markdown; every extra is declared.

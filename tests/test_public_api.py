@@ -33,6 +33,9 @@ SETTINGS = {
     "tracing": False,
     "multiproc_dir": None,
     "multiproc_interval_seconds": 1.0,
+    "ui": "never",
+    "ui_path": "/poolwatch",
+    "ui_token": None,
 }
 
 EVENT_NAMES = [

@@ -13,6 +13,8 @@ Configuration notices (a misspelt setting, a taken path) are not pool facts and 
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import CodeType
@@ -277,8 +279,31 @@ def get_sinks() -> tuple[Sink, ...]:
     return _sinks
 
 
+# The last events with their wall-clock time, for the live page. Kept here rather than as a sink so
+# that an application replacing the sinks (set_sinks) still gets a page that tells what happened.
+# Bounded, and an append is one atomic C call: safe from any thread, the garbage collector's too.
+RECENT_EVENTS_KEPT = 200
+recent_events: deque[tuple[float, Event]] = deque(maxlen=RECENT_EVENTS_KEPT)
+
+
+def recent() -> list[tuple[float, Event]]:
+    """A copy of the recent events, oldest first.
+
+    Copying a deque iterates it, and an event emitted meanwhile (by another thread, or by a
+    checkin the garbage collector runs inside this very copy) makes the iteration fail; a retry
+    almost always succeeds, and an empty answer is better than a reader that raises.
+    """
+    for _ in range(5):
+        try:
+            return list(recent_events)
+        except RuntimeError:
+            continue
+    return []
+
+
 def emit(event: Event) -> None:
     """Hand ``event`` to every sink; a failing sink is counted and never stops the others."""
+    recent_events.append((time.time(), event))
     for sink in _sinks:
         try:
             sink(event)

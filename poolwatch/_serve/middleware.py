@@ -10,6 +10,7 @@ from .._record.context import RequestContext, current_request, labels_of
 from .exposition import serve_metrics
 from .health import HealthEndpoints
 from .http import ASGIApp, Message, Receive, Scope, Send
+from .page import LivePage
 from .watched import Watched
 
 Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -77,6 +78,13 @@ class Middleware:
                 config.health_live_path: health.live,
             }
         )
+        if config.ui != "never":
+            # The live page is served on the app's port even in sidecar mode: it is for a person
+            # with a browser, who reaches the service, not the metrics port.
+            page = LivePage(watch)
+            page_path, state_path = page.paths
+            candidates[page_path] = page.page
+            candidates[state_path] = page.state
         self._endpoints: dict[str, Endpoint] = {
             path: endpoint for path, endpoint in candidates.items() if path is not None
         }
@@ -128,10 +136,11 @@ class Middleware:
             internal_errors.record("route_clash", error)
             return False
         if owned:
+            settings = self.watch.settings
             setting = next(
                 (name for name in ("metrics_path", "health_db_path", "health_live_path")
-                 if getattr(self.watch.settings, name) == path),
-                "metrics_path",
+                 if getattr(settings, name) == path),
+                "ui_path" if path in (settings.ui_path, settings.ui_path + "/state") else "metrics_path",
             )  # fmt: skip
             logger.warning(
                 "poolwatch.path_taken",

@@ -1,0 +1,393 @@
+"""The live page's JSON (``<ui_path>/state``): what every pool holds now, and who holds it.
+
+The format is documented in README ("Live page") and versioned by ``"format"``: fields may be added,
+none renamed or removed without a new number. Every string in it comes from the recorders (pool
+names, route templates, code sites, event fields): never a DSN, an SQL literal or a parameter;
+slow statements appear only as fingerprints, stacks not at all (a source line can hold a literal).
+
+Reading is GC-safe the way the collector's is: the table of checkouts is copied at C level
+(``list(d.values())``) without taking the recorder's lock, counters come from ``snapshot()``, and
+everything else is built from those copies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from json.encoder import encode_basestring_ascii
+from types import CodeType
+from typing import TYPE_CHECKING, Any
+
+from .._record.context import NO_REQUEST, UNMATCHED, RequestContext
+from .._record.events import Event, describe_site, recent
+from .._record.histogram import HistogramCopy
+from .collector import read_pool_state
+from .history import WINDOW_SECONDS, HistoryView, PoolHistory, Sample
+from .sizing import Window, advise
+
+if TYPE_CHECKING:
+    from .._record.recorder import PoolRecorder
+    from .._record.requests import RequestStats
+
+FORMAT = 1
+# Enough for any screen; a pool with more checkouts out says so in "connections_out".
+MAX_ROWS_PER_POOL = 500
+MAX_ROUTES = 25
+MAX_EVENTS = 50
+
+perf_counter = time.perf_counter
+_JSON_BOOL = ("false", "true")
+# Compact, and refusing NaN (not JSON); the answer is a tree of fresh values, so no cycle check.
+encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False).encode
+# A str as a JSON string, escaped to ASCII: the json module's own C function, what encode() calls
+# for every string; used directly for the few strings of a checkout's row.
+quoted: Callable[[str], str] = encode_basestring_ascii
+
+
+class StateBuilder:
+    """Builds the JSON payload; keeps the pools' histories between reads."""
+
+    def __init__(self) -> None:
+        self.histories: weakref.WeakKeyDictionary[PoolRecorder, PoolHistory] = weakref.WeakKeyDictionary()
+        # Per pool: id(checkout entry) -> (entry, its row's fixed part as JSON).
+        self._rows: weakref.WeakKeyDictionary[PoolRecorder, dict[int, tuple[tuple[Any, ...], str]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # id of a recent (time, event) pair -> (that pair, its row as JSON): events never change.
+        self._event_rows: dict[int, tuple[tuple[float, Event], str]] = {}
+
+    def build(self, recorders: Iterable[tuple[str, PoolRecorder]], requests: RequestStats | None) -> str:
+        """The answer as JSON text.
+
+        Assembled from pieces, each encoded by ``json``: the rows that do not change between reads
+        (a checkout's route and site, an event) are encoded once and reused while they last, which
+        is most of the answer with hundreds of checkouts out.
+        """
+        now_wall = time.time()
+        pools = []
+        use_by_route: dict[str, list[float]] = {}  # route -> [seconds held, checkins]
+        names = set()
+        for name, recorder in recorders:
+            names.add(name)
+            pools.append(self._pool(name, recorder, use_by_route))
+        queries = requests.snapshot() if requests is not None else {}
+        head = {
+            "format": FORMAT,
+            "generated_at": round(now_wall, 3),
+            "window_seconds": WINDOW_SECONDS,
+            "routes_by_connection_time": _routes_by_connection_time(use_by_route),
+            "routes_by_queries": _routes_by_queries(queries),
+        }
+        events = self._events(recent(), names)
+        return f'{encode(head)[:-1]},"pools":[{",".join(pools)}],"events":[{",".join(events)}]}}'
+
+    def forget(self) -> None:
+        """Drop what is reused between reads (encoded rows, the history's columns): the next read
+        costs what one costs when every checkout, event and sample is new since the last."""
+        self._rows.clear()
+        self._event_rows = {}
+        for history in list(self.histories.values()):
+            history.forget_view()
+
+    def _connections(self, recorder: PoolRecorder) -> tuple[int, list[str], float, int]:
+        """How many checkouts are out now, a JSON row for each (oldest first, up to a bound), the
+        age of the oldest and how many are past the leak threshold."""
+        # A C-level copy, no lock: a checkin nested here by the garbage collector cannot break it.
+        entries = list(recorder.open_checkouts.values())
+        entries.sort(key=_started)
+        now = perf_counter()
+        threshold = recorder.leak_threshold if recorder.leak_threshold > 0 else math.inf
+        oldest = now - entries[0][0] if entries else 0.0
+        leaked_count = 0
+        for entry in entries:
+            if now - entry[0] <= threshold:
+                break  # oldest first: the rest are younger
+            leaked_count += 1
+        # What a checkout's row says besides its age and counts never changes while it is out:
+        # encoded once, kept while the checkout is (the cache is rebuilt from this read's rows).
+        known = self._rows.get(recorder, {})
+        fragments: dict[int, tuple[tuple[Any, ...], str]] = {}
+        rows: list[str] = []
+        add = rows.append
+        for entry in entries[:MAX_ROWS_PER_POOL]:
+            age = now - entry[0]
+            key = id(entry)
+            cached = known.get(key)
+            if cached is not None and cached[0] is entry:
+                fixed = cached[1]
+                fragments[key] = cached
+            else:
+                fixed, lasting = _fixed_fragment(entry)
+                if lasting:
+                    fragments[key] = (entry, fixed)
+            # The dialect hook's running count, once the capture side keeps one (a trailing field).
+            counts = "null,null"
+            if len(entry) > 7:
+                usage = entry[7]
+                counts = f"{int(usage[0])},{int(usage[1] * 1000)}"
+            add(f"[{int(age * 1000)},{fixed},{counts},{_JSON_BOOL[age > threshold]}]")
+        self._rows[recorder] = fragments
+        return len(entries), rows, oldest, leaked_count
+
+    def _events(self, events: list[tuple[float, Event]], pools: set[str]) -> list[str]:
+        """The last events about these pools as JSON, newest first, without stacks."""
+        rows: list[str] = []
+        known = self._event_rows
+        seen: dict[int, tuple[tuple[float, Event], str]] = {}
+        for item in reversed(events):
+            if item[1].pool not in pools:
+                continue
+            cached = known.get(id(item))
+            row = cached[1] if cached is not None and cached[0] is item else encode(_event_row(*item))
+            seen[id(item)] = (item, row)
+            rows.append(row)
+            if len(rows) >= MAX_EVENTS:
+                break
+        self._event_rows = seen
+        return rows
+
+    def _pool(self, name: str, recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> str:
+        # Not recorder.snapshot(): that copies every histogram under the lock for Prometheus'
+        # exact pairings, and the page needs a few numbers. Each is read here without the lock, in
+        # C-level copies, so a count may be one checkin behind another: fine for a page a person
+        # reads, and nothing here can meet a checkin that the garbage collector nests inside.
+        out, connections, oldest, leaked = self._connections(recorder)
+        state = read_pool_state(recorder, out)
+        pending = recorder.pending
+        now = time.monotonic()
+        held_seconds, held_count = _add_use(recorder, use_by_route)
+        wait = recorder.wait
+        sample = Sample(
+            at=now,
+            used=state.used,
+            idle=state.idle,
+            pending=pending,
+            checkouts=recorder.checkouts,
+            timeouts=recorder.timeouts,
+            wait_counts=tuple(wait.counts),
+            held_seconds=held_seconds,
+            held_count=held_count,
+        )
+        history = self.histories.get(recorder)
+        if history is None:
+            history = self.histories[recorder] = PoolHistory()
+        kept = history.add(sample)
+        view = history.view()
+        # The reading of now, when too close to the last kept sample to be kept itself, still
+        # counts as the window's end and as the newest point of the chart.
+        now_extra = () if kept else (sample,)
+        window = _window(view, sample, now_extra, wait.bounds)
+        pool = recorder.pool
+        sizing = advise(state.max, window, leaked)
+        first = view.at[0]
+        pool_json = encode(
+            {
+                "name": name,
+                "dialect": recorder.dialect,
+                "driver": recorder.driver,
+                "pool_class": type(pool).__name__ if pool is not None else "unknown",
+                "leak_threshold_seconds": recorder.leak_threshold,
+                "now": {
+                    "used": state.used,
+                    "idle": state.idle,
+                    "max": state.max,
+                    "overflow": state.overflow,
+                    "pending": pending,
+                    "oldest_checkout_seconds": round(oldest, 3),
+                    "leaked": leaked,
+                },
+                "history": {
+                    # Whole seconds: samples are about a second apart, and ints encode fast.
+                    "seconds_ago": [int(now - at + 0.5) for at in view.at] + [0] * len(now_extra),
+                    "used": [*view.used, *(s.used for s in now_extra)],
+                    "idle": [*view.idle, *(s.idle for s in now_extra)],
+                    "pending": [*view.pending, *(s.pending for s in now_extra)],
+                },
+                "window": {
+                    "seconds": round(window.seconds, 1),
+                    "since_seconds_ago": round(now - first, 1),
+                    "checkouts": window.checkouts,
+                    "timeouts": window.timeouts,
+                    "wait_p95_seconds": _round(window.wait_p95, 6),
+                    "checkout_rate_per_second": round(window.checkout_rate, 3),
+                    "mean_hold_seconds": _round(window.mean_hold, 6),
+                    "mean_in_use": round(window.mean_in_use, 3),
+                    "mean_used_sampled": round(window.mean_used, 3),
+                    "peak_used": window.peak_used,
+                    "max_pending": window.max_pending,
+                },
+                "sizing": {
+                    "verdict": sizing.verdict,
+                    "reason": sizing.reason,
+                    "suggested_max": sizing.suggested_max,
+                },
+                "connections_out": out,
+                "connection_fields": CONNECTION_FIELDS,
+            }
+        )
+        return f'{pool_json[:-1]},"connections":[{",".join(connections)}]}}'
+
+
+def _add_use(recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> tuple[float, int]:
+    """Totals of the hold-time histograms, added per route to ``use_by_route`` as well."""
+    held_seconds = 0.0
+    held_count = 0
+    use = recorder.use
+    # Keys, then values: both C-level copies, and routes are only ever added, so they pair up by
+    # position (see the recorder's docstring).
+    for route, histogram in zip(list(use), list(use.values()), strict=False):
+        count = sum(histogram.counts)
+        total = histogram.total
+        held_seconds += total
+        held_count += count
+        if count:
+            totals = use_by_route.get(route)
+            if totals is None:
+                totals = use_by_route[route] = [0.0, 0]
+            totals[0] += total
+            totals[1] += count
+    return held_seconds, held_count
+
+
+def _window(
+    view: HistoryView, last: Sample, extra: tuple[Sample, ...], wait_bounds: tuple[float, ...]
+) -> Window:
+    first = view.samples[0]
+    seconds = last.at - first.at
+    held = last.held_seconds - first.held_seconds
+    returned = last.held_count - first.held_count
+    waits = [b - a for a, b in zip(first.wait_counts, last.wait_counts, strict=True)]
+    count = len(view.samples) + len(extra)
+    return Window(
+        seconds=seconds,
+        checkouts=last.checkouts - first.checkouts,
+        timeouts=last.timeouts - first.timeouts,
+        wait_p95=quantile(0.95, wait_bounds, waits),
+        checkout_rate=returned / seconds if seconds > 0 else 0.0,
+        mean_hold=held / returned if returned > 0 else None,
+        mean_in_use=held / seconds if seconds > 0 else 0.0,
+        peak_used=max(view.peak_used, *(s.used for s in extra)) if extra else view.peak_used,
+        mean_used=(view.sum_used + sum(s.used for s in extra)) / count,
+        max_pending=max(view.max_pending, *(s.pending for s in extra)) if extra else view.max_pending,
+    )
+
+
+def quantile(q: float, bounds: tuple[float, ...], counts: list[int]) -> float | None:
+    """The q-quantile of a bucket histogram (counts per bucket, the last one +Inf), interpolated
+    within its bucket the way Prometheus' ``histogram_quantile`` does."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    running = 0
+    for index, count in enumerate(counts):
+        if count and running + count >= rank:
+            if index >= len(bounds):  # the +Inf bucket: the highest finite bound is all we know
+                return bounds[-1]
+            lower = bounds[index - 1] if index else 0.0
+            return lower + (bounds[index] - lower) * (rank - running) / count
+        running += count
+    return bounds[-1]
+
+
+# -- connections out now ---------------------------------------------------------------------------
+
+# (id(code), offset) -> (code, '"file:line","function"'): a site is described and encoded once,
+# not once per read. The code object is kept in the value so a reused id is never taken for
+# another function.
+_sites: dict[tuple[int, int], tuple[CodeType, str]] = {}
+_MAX_SITES = 4096
+_UNKNOWN_SITE = ",".join(map(quoted, describe_site(None)))
+
+
+def _site_fragment(site: tuple[CodeType, int] | None) -> str:
+    if site is None:
+        return _UNKNOWN_SITE
+    code, offset = site
+    key = (id(code), offset)
+    known = _sites.get(key)
+    if known is not None and known[0] is code:
+        return known[1]
+    fragment = ",".join(map(quoted, describe_site(site)))
+    if len(_sites) >= _MAX_SITES:
+        _sites.clear()
+    _sites[key] = (code, fragment)
+    return fragment
+
+
+# The columns of "connections": rows are arrays in this order, which keeps the answer small and
+# quick to encode with hundreds of checkouts out (each row as an object repeats every key).
+CONNECTION_FIELDS = ("age_ms", "method", "route", "site", "function", "statements", "statement_ms", "leaked")
+
+
+def _fixed_fragment(entry: tuple[Any, ...]) -> tuple[str, bool]:
+    """``"method","route","site","function"`` of a checkout's row, as JSON without brackets, and
+    whether it lasts: not while the request's route is unknown, since routing may still find it."""
+    request: RequestContext | None = entry[1]
+    method: Any = NO_REQUEST
+    if request is None:
+        route = NO_REQUEST
+    else:
+        route = request.route
+        method = request.scope.get("method")
+        if not isinstance(method, str):
+            method = NO_REQUEST
+    return f"{quoted(method)},{quoted(route)},{_site_fragment(entry[3])}", route != UNMATCHED
+
+
+def _started(entry: tuple[Any, ...]) -> float:
+    return float(entry[0])
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def _routes_by_connection_time(use_by_route: dict[str, list[float]]) -> list[dict[str, Any]]:
+    ranked = sorted(use_by_route.items(), key=lambda item: item[1][0], reverse=True)[:MAX_ROUTES]
+    return [
+        {
+            "route": route,
+            "connection_seconds": round(seconds, 3),
+            "checkouts": int(count),
+            "mean_hold_seconds": round(seconds / count, 6) if count else None,
+        }
+        for route, (seconds, count) in ranked
+    ]
+
+
+def _routes_by_queries(queries: dict[str, HistogramCopy]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for route, copy in queries.items():
+        requests = sum(copy.counts)
+        if not requests:
+            continue
+        p95 = quantile(0.95, copy.bounds, copy.counts)
+        rows.append(
+            {
+                "route": route,
+                "requests": requests,
+                "queries_per_request": round(copy.total / requests, 2),
+                "queries_p95": None if p95 is None else math.ceil(p95),
+            }
+        )
+    rows.sort(key=lambda row: row["queries_per_request"], reverse=True)
+    return rows[:MAX_ROUTES]
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+_PREFIX = "poolwatch."
+
+
+def _event_row(at: float, event: Event) -> dict[str, Any]:
+    fields = event.fields()
+    fields.pop("stack", None)  # a source line can hold a literal
+    kind = event.name[len(_PREFIX) :] if event.name.startswith(_PREFIX) else event.name
+    return {"time": round(at, 3), "kind": kind, "level": event.level, **fields}
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
