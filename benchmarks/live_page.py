@@ -62,7 +62,7 @@ def fill(engines: dict[str, sa.Engine], watch: poolwatch.PoolWatch, requests: li
         finally:
             current_request.reset(token)
         for queries in (1, 2, 3, 5, 8, 13):
-            watch.requests.request_finished(context.route, queries + number % 7)
+            watch.requests.request_finished((context.route, "GET"), queries + number % 7)
     previous = set_sinks([])  # kept for the page, not logged: the report stays readable
     try:
         for n in range(RECENT_EVENTS_KEPT):

@@ -105,7 +105,7 @@ def fill(engines: dict[str, sa.Engine], watch: poolwatch.PoolWatch, checkouts: i
         finally:
             current_request.reset(token)
         for queries in (1, 2, 3, 5, 8, 13):
-            watch.requests.request_finished(template, queries + number % 7)
+            watch.requests.request_finished((template, "GET"), queries + number % 7)
 
 
 def series_count(body: bytes) -> int:

@@ -166,8 +166,8 @@ class StateBuilder:
             idle=state.idle,
             pending=pending,
             checkouts=recorder.checkouts,
-            timeouts=recorder.timeouts,
-            wait_counts=tuple(wait.counts),
+            timeouts=sum(list(recorder.timeouts.values())),
+            wait_counts=tuple(wait.copy().counts),
             held_seconds=held_seconds,
             held_count=held_count,
         )
@@ -238,8 +238,8 @@ def _add_use(recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> tu
     use = recorder.use
     # Keys, then values: both C-level copies, and routes are only ever added, so they pair up by
     # position (see the recorder's docstring).
-    for route, histogram in zip(list(use), list(use.values()), strict=False):
-        count = sum(histogram.counts)
+    for (route, _method), histogram in zip(list(use), list(use.values()), strict=False):
+        count = histogram.count
         total = histogram.total
         held_seconds += total
         held_count += count
@@ -327,14 +327,11 @@ def _fixed_fragment(entry: tuple[Any, ...]) -> tuple[str, bool]:
     """``"method","route","site","function"`` of a checkout's row, as JSON without brackets, and
     whether it lasts: not while the request's route is unknown, since routing may still find it."""
     request: RequestContext | None = entry[1]
-    method: Any = NO_REQUEST
     if request is None:
-        route = NO_REQUEST
+        route = method = NO_REQUEST
     else:
         route = request.route
-        method = request.scope.get("method")
-        if not isinstance(method, str):
-            method = NO_REQUEST
+        method = request.method  # the method label: registered methods only, never what a client made up
     return f"{quoted(method)},{quoted(route)},{_site_fragment(entry[3])}", route != UNMATCHED
 
 
@@ -358,9 +355,9 @@ def _routes_by_connection_time(use_by_route: dict[str, list[float]]) -> list[dic
     ]
 
 
-def _routes_by_queries(queries: dict[str, HistogramCopy]) -> list[dict[str, Any]]:
+def _routes_by_queries(queries: dict[tuple[str, str], HistogramCopy]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for route, copy in queries.items():
+    for (route, method), copy in queries.items():
         requests = sum(copy.counts)
         if not requests:
             continue
@@ -368,6 +365,7 @@ def _routes_by_queries(queries: dict[str, HistogramCopy]) -> list[dict[str, Any]
         rows.append(
             {
                 "route": route,
+                "method": method,
                 "requests": requests,
                 "queries_per_request": round(copy.total / requests, 2),
                 "queries_p95": None if p95 is None else math.ceil(p95),

@@ -236,15 +236,15 @@ def test_a_connection_out_shows_its_site_route_and_age(
     assert row["function"] == "test_a_connection_out_shows_its_site_route_and_age"
     assert row["route"] == "<none>" and row["method"] == "<none>"
     assert row["leaked"] is False and isinstance(row["age_ms"], int) and row["age_ms"] >= 0
-    # The capture side does not count statements per checkout yet: unknown, not zero.
-    assert row["statements"] is None
+    # Counted by the statement timer while the connection is out: none ran on it yet.
+    assert row["statements"] == 0 and row["statement_ms"] == 0
     by_time = {r["route"]: r for r in state["routes_by_connection_time"]}
     assert by_time["/items/{item_id}"]["checkouts"] == 3
     by_queries = {r["route"]: r for r in state["routes_by_queries"]}
     # The same statements poolwatch_request_queries counts (the reset on checkin among them).
     samples = scrape(registry)
-    count = samples.value("poolwatch_request_queries_count", route="/items/{item_id}")
-    total = samples.value("poolwatch_request_queries_sum", route="/items/{item_id}")
+    count = samples.value("poolwatch_request_queries_count", route="/items/{item_id}", method="GET")
+    total = samples.value("poolwatch_request_queries_sum", route="/items/{item_id}", method="GET")
     assert count == 3 and total >= 6
     assert by_queries["/items/{item_id}"]["queries_per_request"] == round(total / count, 2)
     assert by_queries["/items/{item_id}"]["requests"] == 3
@@ -257,8 +257,8 @@ def test_statements_are_read_from_the_checkout_when_the_capture_side_keeps_them(
     recorder = watch.recorders[0]
     with engine.connect():
         ((record, entry),) = list(recorder.open_checkouts.items())
-        # The trailing field the dialect hook is to keep: [statements, seconds in statements].
-        recorder.open_checkouts[record] = (*entry, [7, 0.25])  # type: ignore[assignment]
+        # The trailing field the statement timer keeps: [statements, seconds in statements].
+        recorder.open_checkouts[record] = (*entry[:7], [7, 0.25])  # type: ignore[assignment]
         try:
             (row,) = _rows(_build([("main", recorder)])["pools"][0])
         finally:
