@@ -113,6 +113,36 @@ def test_n_plus_one_within_its_budget(poolwatch_guard):
     assert len(TestClient(app).get("/authors").json()) == 5
 
 
+@pytest.fixture
+def session():
+    # Lazy: the test body's first statement takes the connection, which is returned only when this
+    # fixture is torn down, after the test.
+    from sqlalchemy.orm import Session
+    from shop_app import engine
+    from sqlalchemy import text
+    with Session(engine) as session:
+        session.execute(text("SELECT 1"))
+        session.execute(text("SELECT 2"))
+        session.commit()
+        yield session
+
+
+@pytest.mark.max_queries(1)
+def test_a_fixture_may_hold_its_connection_until_teardown(session, poolwatch_guard):
+    from sqlalchemy import text
+    assert session.execute(text("SELECT 3")).scalar_one() == 3  # the fixture's two are not counted
+
+
+def test_a_first_connect_is_not_counted():
+    import os
+    import poolwatch
+    from sqlalchemy import create_engine, text
+    fresh = create_engine(os.environ["GUARD_SYNC_URL"])
+    with poolwatch.assert_queries(1), fresh.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    fresh.dispose()
+
+
 def poolwatch_listeners(target, events):
     found = []
     for name in events:
@@ -250,8 +280,8 @@ def test_leaks_fail_with_their_borrow_site_and_route_and_clean_tests_pass(
     monkeypatch.setenv("GUARD_MIDDLEWARE", "1")
     result = shop.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
     output = result.stdout.str()
-    # A leak is an error at the test's teardown (its call phase passed): 5 passed, 2 errors.
-    result.assert_outcomes(passed=5, failed=2, errors=2)
+    # A leak is an error at the test's teardown, after its call phase passed: both are counted.
+    result.assert_outcomes(passed=7, failed=2, errors=2)
 
     leak = section(output, "ERROR at teardown of test_leaking_endpoint")
     leak_line = line_of(SHOP_APP, "LEAK-SITE")
@@ -278,7 +308,10 @@ def test_leaks_fail_with_their_borrow_site_and_route_and_clean_tests_pass(
     ]
     assert "secret-literal" not in output
     assert re.search(r"PASSED test_shop.py::test_clean_endpoint", output)
-    assert re.search(r"PASSED test_shop.py::test_zz_listeners_are_removed", output)
+    for name in ("test_a_fixture_may_hold_its_connection_until_teardown", "test_a_first_connect_is_not_counted",
+                 "test_zz_listeners_are_removed"):  # fmt: skip
+        assert f"PASSED test_shop.py::{name}" in output
+    assert "ERROR at teardown of test_a_fixture_may_hold_its_connection_until_teardown" not in output
 
 
 def test_async_engine_with_httpx_asgi_transport(shop: pytest.Pytester) -> None:
@@ -306,7 +339,7 @@ def test_async_engine_with_httpx_asgi_transport(shop: pytest.Pytester) -> None:
 def test_under_xdist_with_two_workers_and_no_middleware(shop: pytest.Pytester) -> None:
     result = shop.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "-rA", "test_shop.py")
     output = result.stdout.str()
-    result.assert_outcomes(passed=5, failed=2, errors=2)
+    result.assert_outcomes(passed=7, failed=2, errors=2)
     assert "created: 2/2 workers" in output
     leak = section(output, "ERROR at teardown of test_leaking_endpoint")
     assert f"taken at shop_app.py:{line_of(SHOP_APP, 'LEAK-SITE')} in leak (pool 127.0.0.1:5432/" in leak
