@@ -80,7 +80,8 @@ def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             site=site,
             request=current_request.get(),
             fairy_ref=getattr(record, "fairy_ref", None),
-            pool=getattr(proxy, "_pool", None),
+            # The pool is private on both objects; the record's name is the one pool_hooks reads.
+            pool=getattr(proxy, "_pool", None) or getattr(record, "_ConnectionRecord__pool", None),
         )
         for guard in guards:
             guard._checked_out(record, checkout)
@@ -240,13 +241,18 @@ class PoolGuard:
     The ``poolwatch_guard`` fixture is one of these, started before the test and checked after
     the test's fixtures are torn down. By default it watches every pool in the process; after
     ``only(engine, ...)`` it watches those engines' pools alone.
+
+    No lock: a checkin may run inside the garbage collector (a connection nobody returned), on
+    any thread, at any allocation, including one made while this guard is being read. A lock held
+    there would deadlock its own thread. So the listeners make single dict and list operations,
+    atomic under the GIL, and readers take a ``copy()`` (made in C, no Python code runs inside it)
+    before they iterate.
     """
 
     def __init__(self) -> None:
         self._open: dict[Any, _Checkout] = {}
         self._reclaimed: list[_Checkout] = []
         self._engines: tuple[Engine, ...] | None = None
-        self._lock = threading.Lock()
         self._running = False
 
     # - public
@@ -256,11 +262,10 @@ class PoolGuard:
         if not engines:
             raise TypeError("poolwatch_guard.only() needs at least one Engine or AsyncEngine")
         self._engines = _engines_of(engines)
-        with self._lock:
-            for record, checkout in list(self._open.items()):
-                if not self._watches(checkout.pool):
-                    del self._open[record]
-            self._reclaimed = [c for c in self._reclaimed if self._watches(c.pool)]
+        for record, checkout in self._open.copy().items():
+            if not self._watches(checkout.pool):
+                self._open.pop(record, None)
+        self._reclaimed = [c for c in self._reclaimed.copy() if self._watches(c.pool)]
         return self
 
     @property
@@ -281,15 +286,12 @@ class PoolGuard:
 
     def leaks(self) -> list[Leak]:
         """Connections taken while the guard ran and not returned to their pool."""
-        with self._lock:
-            still_open = list(self._open.values())
-            reclaimed = list(self._reclaimed)
+        still_open = list(self._open.copy().values())
         if still_open and self._running:
             # Garbage in a reference cycle is reclaimed now, so it reads as what it is.
             gc.collect()
-            with self._lock:
-                still_open = list(self._open.values())
-                reclaimed = list(self._reclaimed)
+            still_open = list(self._open.copy().values())
+        reclaimed = self._reclaimed.copy()
         dead = [c for c in still_open if c.fairy_ref is not None and c.fairy_ref() is None]
         alive = [c for c in still_open if not any(c is d for d in dead)]
         return [self._describe(c, reclaimed=False) for c in alive] + [
@@ -310,18 +312,15 @@ class PoolGuard:
         return engines is None or any(engine.pool is pool for engine in engines)
 
     def _checked_out(self, record: Any, checkout: _Checkout) -> None:
-        if not self._watches(checkout.pool):
-            return
-        with self._lock:
+        if self._watches(checkout.pool):
             self._open[record] = checkout
 
     def _returned(self, record: Any) -> None:
-        with self._lock:
-            checkout = self._open.pop(record, None)
-            if checkout is None:  # taken before the guard started, or not a watched pool
-                return
-            if checkout.fairy_ref is not None and checkout.fairy_ref() is None:
-                self._reclaimed.append(checkout)
+        checkout = self._open.pop(record, None)
+        if checkout is None:  # taken before the guard started, or not a watched pool
+            return
+        if checkout.fairy_ref is not None and checkout.fairy_ref() is None:
+            self._reclaimed.append(checkout)
 
     def _describe(self, checkout: _Checkout, *, reclaimed: bool) -> Leak:
         site, function = describe_site(checkout.site)

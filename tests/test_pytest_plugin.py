@@ -192,6 +192,14 @@ async def other_leak() -> dict[str, str]:
     return {"status": "kept"}
 
 
+@app.get("/other-count")
+async def other_count() -> int:
+    async with other.connect() as connection:
+        for n in range(3):
+            await connection.execute(text("SELECT :n * 2"), {"n": n})
+    return 3
+
+
 @app.get("/authors")
 async def authors() -> list[int]:
     async with engine.connect() as connection:
@@ -238,6 +246,7 @@ async def test_n_plus_one(poolwatch_guard):
     poolwatch_guard.only(engine)
     async with client() as http:
         assert len((await http.get("/authors")).json()) == 4
+        assert (await http.get("/other-count")).json() == 3  # another engine's statements: not in the budget
 
 
 async def test_exact_budget_of_one_engine():
@@ -278,7 +287,7 @@ def test_leaks_fail_with_their_borrow_site_and_route_and_clean_tests_pass(
     shop: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GUARD_MIDDLEWARE", "1")
-    result = shop.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result = shop.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers", "-rA")
     output = result.stdout.str()
     # A leak is an error at the test's teardown, after its call phase passed: both are counted.
     result.assert_outcomes(passed=7, failed=2, errors=2)
