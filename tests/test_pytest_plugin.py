@@ -103,6 +103,12 @@ def test_fails_on_its_own(poolwatch_guard):
     assert 1 + 1 == 3, "the test's own failure"
 
 
+@pytest.mark.xfail(reason="a known failure", strict=True)
+def test_expected_to_fail(poolwatch_guard):
+    TestClient(app).get("/leak")
+    assert 1 + 1 == 3
+
+
 @pytest.mark.max_queries(3)
 def test_n_plus_one():
     assert len(TestClient(app).get("/authors").json()) == 5
@@ -290,7 +296,7 @@ def test_leaks_fail_with_their_borrow_site_and_route_and_clean_tests_pass(
     result = shop.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers", "-rA")
     output = result.stdout.str()
     # A leak is an error at the test's teardown, after its call phase passed: both are counted.
-    result.assert_outcomes(passed=7, failed=2, errors=2)
+    result.assert_outcomes(passed=7, failed=2, errors=2, xfailed=1)
 
     leak = section(output, "ERROR at teardown of test_leaking_endpoint")
     leak_line = line_of(SHOP_APP, "LEAK-SITE")
@@ -306,6 +312,7 @@ def test_leaks_fail_with_their_borrow_site_and_route_and_clean_tests_pass(
     own = section(output, "test_fails_on_its_own")
     assert "AssertionError: the test's own failure" in own
     assert "ERROR at teardown of test_fails_on_its_own" not in output
+    assert "ERROR at teardown of test_expected_to_fail" not in output
 
     # The N+1: the repeated statement, counted, first; literals never shown.
     budget = section(output, "test_n_plus_one")
@@ -348,7 +355,7 @@ def test_async_engine_with_httpx_asgi_transport(shop: pytest.Pytester) -> None:
 def test_under_xdist_with_two_workers_and_no_middleware(shop: pytest.Pytester) -> None:
     result = shop.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "-rA", "test_shop.py")
     output = result.stdout.str()
-    result.assert_outcomes(passed=7, failed=2, errors=2)
+    result.assert_outcomes(passed=7, failed=2, errors=2, xfailed=1)
     assert "created: 2/2 workers" in output
     leak = section(output, "ERROR at teardown of test_leaking_endpoint")
     assert f"taken at shop_app.py:{line_of(SHOP_APP, 'LEAK-SITE')} in leak (pool 127.0.0.1:5432/" in leak
