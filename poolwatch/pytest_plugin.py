@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ._guard import PoolGuard
 
 _GUARD = pytest.StashKey["PoolGuard"]()
-_FAILED = pytest.StashKey[bool]()
+_DID_NOT_PASS = pytest.StashKey[bool]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,7 +77,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     # Failed, skipped or xfailed: its traceback may hold a connection; it is reported as it is.
     if not report.passed and _GUARD in item.stash:
-        item.stash[_FAILED] = True
+        item.stash[_DID_NOT_PASS] = True
     return report
 
 
@@ -89,7 +89,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     try:
         result = yield
     finally:
-        leaks = [] if item.stash.get(_FAILED, False) else guard.leaks()
+        leaks = [] if item.stash.get(_DID_NOT_PASS, False) else guard.leaks()
         guard.stop()  # even when a fixture's teardown raised
     if leaks:
         from ._guard import leak_message
