@@ -25,8 +25,10 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("poolwatch._settings",),  # what poolwatch can be told
     ("poolwatch._record",),  # plain state: recorders, histograms, request context, events
     ("poolwatch._capture", "poolwatch._serve"),  # write records on the app's threads | read them
-    ("poolwatch._otel",),  # an integration at the edge: spans and the OpenTelemetry bridge
-    ("poolwatch._wiring", "poolwatch.gunicorn"),  # ties it all together | gunicorn's hooks
+    # integrations at the edge: spans and the OpenTelemetry bridge | leak and query guards for tests
+    ("poolwatch._otel", "poolwatch._guard"),
+    # ties it all together | gunicorn's hooks | the pytest plugin (drives the guards)
+    ("poolwatch._wiring", "poolwatch.gunicorn", "poolwatch.pytest_plugin"),
     ("poolwatch",),  # the public names
 )
 FLOOR_OF = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}

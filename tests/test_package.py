@@ -118,10 +118,14 @@ def test_the_wheel_ships_py_typed_and_only_the_package(built: Built) -> None:
     with zipfile.ZipFile(built.wheel) as wheel:
         names = wheel.namelist()
         metadata = wheel.read(f"poolwatch-{VERSION}.dist-info/METADATA").decode()
+        entry_points = wheel.read(f"poolwatch-{VERSION}.dist-info/entry_points.txt").decode()
     assert "poolwatch/py.typed" in names
     assert "poolwatch/__init__.py" in names and "poolwatch/gunicorn.py" in names
     # The live page is package data: served from the installed package, not from a checkout.
     assert "poolwatch/_serve/static/poolwatch.html" in names
+    # The pytest plugin: installing the wheel is enough for pytest to find it.
+    assert "poolwatch/pytest_plugin.py" in names
+    assert "[pytest11]\npoolwatch = poolwatch.pytest_plugin" in entry_points, entry_points
     top_level = {name.split("/", 1)[0] for name in names}
     assert top_level == {"poolwatch", f"poolwatch-{VERSION}.dist-info"}, top_level
     # README is the long description, rendered as Markdown; every extra is declared.

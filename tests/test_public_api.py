@@ -13,7 +13,17 @@ from pathlib import Path
 import poolwatch
 from poolwatch import PoolWatch, PoolWatchMiddleware, PoolWatchSettings
 
-EXPORTS = ["PoolWatch", "PoolWatchMiddleware", "PoolWatchSettings", "instrument", "otel_bridge", "watch"]
+EXPORTS = [
+    "PoolGuard",
+    "PoolWatch",
+    "PoolWatchMiddleware",
+    "PoolWatchSettings",
+    "assert_max_queries",
+    "assert_queries",
+    "instrument",
+    "otel_bridge",
+    "watch",
+]
 
 SETTINGS = {
     "leak_threshold_seconds": 30.0,
@@ -138,6 +148,18 @@ def test_public_signatures_are_pinned() -> None:
     assert _parameters(PoolWatch.close) == [("self", "POSITIONAL_OR_KEYWORD", EMPTY)]
     for attribute in ("recorders", "requests", "pool_names", "direct_collector"):
         assert isinstance(inspect.getattr_static(PoolWatch, attribute), property), attribute
+    # The test guards (the pytest plugin's fixture is a PoolGuard).
+    budget = [("limit", "POSITIONAL_OR_KEYWORD", EMPTY), ("engines", "VAR_POSITIONAL", EMPTY)]
+    assert _parameters(poolwatch.assert_max_queries) == budget
+    assert _parameters(poolwatch.assert_queries) == [("count", "POSITIONAL_OR_KEYWORD", EMPTY), budget[1]]
+    assert _parameters(poolwatch.PoolGuard) == []
+    assert _parameters(poolwatch.PoolGuard.only) == [
+        ("self", "POSITIONAL_OR_KEYWORD", EMPTY),
+        ("engines", "VAR_POSITIONAL", EMPTY),
+    ]
+    for method in ("leaks", "check", "start", "stop"):
+        assert _parameters(getattr(poolwatch.PoolGuard, method)) == [("self", "POSITIONAL_OR_KEYWORD", EMPTY)]
+    assert isinstance(inspect.getattr_static(poolwatch.PoolGuard, "engines"), property)
 
 
 def test_settings_and_their_defaults_are_pinned() -> None:
