@@ -44,7 +44,10 @@ def test_checkouts_and_checkins_are_exact_under_threads() -> None:
     assert sum(snapshot.wait.counts) == threads * cycles
     assert sum(snapshot.use[("<none>", "<none>")].counts) == threads * cycles
     assert sum(snapshot.held_idle["<none>"].counts) == threads * cycles
-    assert snapshot.connects == len(dbapi.connections) <= 3
+    assert snapshot.connects == len(dbapi.connections)
+    # An overflow connection returned to a full pool is closed, and a later checkout may open
+    # another: how many are opened in all depends on scheduling, how many are open at once does not.
+    assert snapshot.connects - snapshot.disconnects <= 3
     assert snapshot.live.count == 0 and snapshot.pending == 0
 
 
