@@ -37,6 +37,8 @@ EXPECTED_ALERTS = {
     "PoolWatchGCReclaimedConnections",
     "PoolWatchPrePingFailureBurst",
     "PoolWatchSlowQueries",
+    "PoolWatchThreadpoolStarvation",
+    "PoolWatchFleetCapacityExceedsServer",
 }
 
 # What the issue asks each dashboard to show, as the metrics that must be queried for it.
