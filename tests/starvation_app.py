@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -29,6 +30,7 @@ import poolwatch
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
 
 TOKENS = int(os.environ.get("THREAD_TOKENS", "4"))
+AUTH_SECONDS = float(os.environ.get("AUTH_SECONDS", "0.3"))
 engine = sa.create_engine(
     os.environ["DATABASE_URL"],
     pool_size=1,
@@ -58,7 +60,11 @@ DB = Annotated[Session, Depends(get_db)]
 
 
 def current_user(db: DB) -> int:
-    return int(db.execute(sa.text("SELECT 1")).scalar_one())
+    user = int(db.execute(sa.text("SELECT 1")).scalar_one())
+    # A slow check after the query (a password hash, a call to an identity provider): the session
+    # holds its connection meanwhile, so concurrent requests pile up behind it, as under load.
+    time.sleep(AUTH_SECONDS)
+    return user
 
 
 @app.get("/items")
