@@ -99,6 +99,7 @@ def test_asyncpg_reads_the_limit_inside_sqlalchemys_greenlet(
         try:
             async with engine.connect() as connection:
                 raw = await connection.get_raw_connection()
+                assert raw.driver_connection is not None
                 assert not raw.driver_connection.is_in_transaction()
                 assert (await connection.execute(sa.text("SELECT 7"))).scalar_one() == 7
             assert server_max(registry, "apg") == [pg_client_limit(postgres_url)]
@@ -122,6 +123,7 @@ def test_a_failed_read_is_counted_and_the_connection_still_works(
     try:
         with engine.connect() as connection:
             dbapi = connection.connection.dbapi_connection
+            assert isinstance(dbapi, psycopg.Connection)
             assert dbapi.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
             assert connection.execute(sa.text("SELECT 7")).scalar_one() == 7
         assert internal_errors.count == errors_before + 1
