@@ -34,8 +34,8 @@ from ._serve.http import ASGIApp
 from ._serve.middleware import Middleware
 from ._serve.multiprocess import MultiProcessCollector, Publisher
 from ._serve.sidecar import SidecarServer
-from ._serve.threadpool import StarvationCheck
-from ._serve.threadpool import watcher as starvation_watcher
+from ._serve.starvation import StarvationCheck
+from ._serve.starvation import watcher as starvation_watcher
 from ._serve.workers import warn_if_multiworker
 from ._settings import PoolWatchSettings, SettingsKeywords, build_settings
 

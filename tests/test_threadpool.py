@@ -22,13 +22,9 @@ from sqlalchemy.orm import Session
 import poolwatch
 from poolwatch._record import events
 from poolwatch._record.events import ThreadpoolStarvation
-from poolwatch._serve.threadpool import (
-    StarvationCheck,
-    ThreadpoolState,
-    default_limiter,
-    read_threadpool,
-)
-from poolwatch._serve.threadpool import watcher as starvation_watcher
+from poolwatch._serve.starvation import StarvationCheck
+from poolwatch._serve.starvation import watcher as starvation_watcher
+from poolwatch._serve.threadpool import ThreadpoolState, default_limiter, read_threadpool
 from tests.metrics import scrape
 
 
