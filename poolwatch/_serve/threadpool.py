@@ -13,7 +13,7 @@ so it works on the loop (``/metrics`` through the middleware) and on any other t
 a multi-worker publisher) without blocking the loop or creating anything. Off the loop the limiter's
 ``statistics()`` is avoided: it copies the set of borrowers, which the loop may change meanwhile;
 ``len()`` of its borrowers (``borrowed_tokens``) and of its wait queue is one atomic call each.
-An AnyIO that keeps these elsewhere reads as "no threadpool": the metrics are absent, nothing fails.
+An AnyIO that keeps these elsewhere cannot be read: the metrics are absent, nothing fails.
 """
 
 from __future__ import annotations
@@ -38,19 +38,31 @@ class ThreadpoolState:
 NO_THREADS = ThreadpoolState(busy=0, waiting=0, capacity=None)
 
 
-def default_limiter(loop: asyncio.AbstractEventLoop) -> Any | None:
-    """The default thread limiter AnyIO made for ``loop``, or None; never creates one."""
+class _Unknown:
+    """This AnyIO keeps its run variables where poolwatch does not know to look."""
+
+
+UNKNOWN = _Unknown()
+
+
+def default_limiter(loop: asyncio.AbstractEventLoop) -> Any:
+    """The default thread limiter AnyIO made for ``loop``, None if it made none, or ``UNKNOWN``.
+
+    Never creates one.
+    """
     backend = sys.modules.get(_BACKEND)
+    if backend is None:
+        return None  # AnyIO's asyncio backend never ran in this process: no limiter exists
     lowlevel = sys.modules.get("anyio.lowlevel")
-    if backend is None or lowlevel is None:
-        return None  # the asyncio backend never ran here, so no limiter exists
     run_var = getattr(backend, "_default_thread_limiter", None)
     run_vars = getattr(lowlevel, "_run_vars", None)
     if run_var is None or run_vars is None:
-        return None
+        return UNKNOWN
     values = run_vars.get(loop)
+    if values is None:
+        return None  # no run variable was ever set on this loop
     if not isinstance(values, dict):
-        return None
+        return UNKNOWN
     limiter = values.get(run_var)
     if limiter is None:  # AnyIO before 4.10 keyed run variables by name
         limiter = values.get(getattr(run_var, "_name", None))
@@ -58,26 +70,20 @@ def default_limiter(loop: asyncio.AbstractEventLoop) -> Any | None:
 
 
 def read_threadpool(loop: asyncio.AbstractEventLoop | None) -> ThreadpoolState | None:
-    """The loop's worker threads now; None when no loop is known (no ASGI app) or it is closed."""
+    """The loop's worker threads now; None when no loop is known (no ASGI app), it is closed, or
+    this AnyIO cannot be read (then the metrics are absent rather than a made-up zero)."""
     if loop is None or loop.is_closed():
         return None
     limiter = default_limiter(loop)
     if limiter is None:
         return NO_THREADS
+    if limiter is UNKNOWN:
+        return None
     busy = int(limiter.borrowed_tokens)
     capacity = float(limiter.total_tokens)
+    # Every AnyIO 4 asyncio limiter has the queue. Without it: statistics(), which on the loop sees
+    # no change meanwhile and off it may meet the borrowers changing under its copy and raise
+    # (the collector counts that and skips these rows for the scrape).
     queue = getattr(limiter, "_wait_queue", None)
-    if queue is not None:
-        waiting = len(queue)
-    elif _running_loop() is loop:  # on the loop nothing changes the limiter under us
-        waiting = int(limiter.statistics().tasks_waiting)
-    else:
-        return ThreadpoolState(busy=busy, waiting=0, capacity=capacity)
+    waiting = len(queue) if queue is not None else int(limiter.statistics().tasks_waiting)
     return ThreadpoolState(busy=busy, waiting=waiting, capacity=capacity)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
