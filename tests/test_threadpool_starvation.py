@@ -131,6 +131,9 @@ def test_sync_endpoint_deadlock_is_seen_logged_alerted_and_released(
         samples = wait_for("the hang", hung, 60, app_log)
         assert samples.value("poolwatch_connections", pool="primary", state="used") == 1
         assert samples.value("poolwatch_threadpool_capacity") == TOKENS
+        # Health, also served on the loop, says the pool is not serving.
+        health = httpx.get(f"{base}/health/db", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] in {"down", "saturated"}
 
         # The event, once, naming the route that holds the connection.
         def starvation_lines() -> list[str]:

@@ -48,7 +48,10 @@ class StarvationCheck:
     def check(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         state = read_threadpool(self._watch.app_loop)
-        recorders = self._watch.recorders
+        try:
+            recorders = self._watch.recorders
+        except KeyError:  # an engine is being released meanwhile; the next check sees the rest
+            return
         for gone in [r for r in self._progress if r not in recorders]:
             del self._progress[gone]
         for recorder in recorders:
