@@ -87,7 +87,7 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_pool_info", "gauge", "What the pool is.", POOL, "dialect", "driver", "pool_class", "server"),
         _spec("poolwatch_server_connections_max", "gauge", "The database server's connection limit available to clients.", POOL),
         _spec("poolwatch_threadpool_threads", "gauge", "AnyIO worker-thread tokens in use (busy) / tasks waiting for one (waiting).", "state"),
-        _spec("poolwatch_threadpool_capacity", "gauge", "Total tokens of AnyIO's default thread limiter.", ),
+        _spec("poolwatch_threadpool_capacity", "gauge", "Total tokens of AnyIO's default thread limiter."),
         _spec("poolwatch_checkouts_total", "counter", "Checkouts.", POOL),
         _spec("poolwatch_checkins_total", "counter", "Checkins.", POOL),
         _spec("poolwatch_connects_total", "counter", "New DBAPI connections opened.", POOL),
