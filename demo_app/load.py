@@ -194,6 +194,7 @@ MISBEHAVING: dict[str, Action] = {
     "misbehave leak": _misbehaving("POST", "/leak"),
     "misbehave query error": _misbehaving("GET", "/query-error"),
     "misbehave dead connection": _misbehaving("GET", "/dead-connection"),
+    "misbehave sync work": _misbehaving("GET", "/sync-work", {"seconds": 0.5}),
 }
 
 # Weights of a read-mostly API: reads and lists dominate, writes are a minority.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -194,3 +195,15 @@ async def dead_connection(request: Request) -> dict[str, object]:
         return await connection.execute(text("SELECT 1"))
 
     return await _expect_db_error(engine, work)
+
+
+MAX_SYNC_WORK_SECONDS = 2.0
+
+
+@router.get("/sync-work")
+def sync_work(seconds: Annotated[float, Query(ge=0, le=MAX_SYNC_WORK_SECONDS)] = 0.2) -> dict[str, object]:
+    """A sync endpoint: FastAPI runs it in one of AnyIO's worker threads, which it holds while it
+    blocks (here: a sleep standing in for a blocking client library). The threadpool panels
+    (poolwatch_threadpool_threads) show the threads it keeps busy."""
+    time.sleep(seconds)
+    return {"slept_seconds": seconds}

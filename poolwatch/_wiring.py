@@ -24,6 +24,7 @@ from ._capture.dialect_hooks import hook_dialect, unhook_dialect
 from ._capture.engines import EngineLike, Engines, collect_engines, root_engine, sync_engine_of
 from ._capture.listeners import EngineListeners
 from ._capture.pool_hooks import hook_pool, recorder_of, unhook_pool
+from ._capture.server_limit import ServerLimitListener
 from ._log import logger
 from ._record.leaks import sweeper
 from ._record.recorder import PoolRecorder
@@ -33,6 +34,8 @@ from ._serve.http import ASGIApp
 from ._serve.middleware import Middleware
 from ._serve.multiprocess import MultiProcessCollector, Publisher
 from ._serve.sidecar import SidecarServer
+from ._serve.starvation import StarvationCheck
+from ._serve.starvation import watcher as starvation_watcher
 from ._serve.workers import warn_if_multiworker
 from ._settings import PoolWatchSettings, SettingsKeywords, build_settings
 
@@ -47,10 +50,12 @@ class _Instrumented:
     def __init__(self, name: str, engine: Engine, settings: PoolWatchSettings) -> None:
         self.recorder = PoolRecorder(name, engine, settings)
         self.listeners = EngineListeners(self.recorder)
+        self.server_limit = ServerLimitListener(self.recorder)
         self.owners = 0
         hook_pool(engine.pool, self.recorder)
         hook_dialect(engine.dialect, self.recorder, settings.slow_query_seconds)
         self.listeners.install(engine)
+        self.server_limit.install(engine)
         sweeper.add(self.recorder)
         self.traced = settings.tracing
         if self.traced:
@@ -63,6 +68,7 @@ class _Instrumented:
 
             disable_statement_spans(engine)
         self.listeners.remove(engine)
+        self.server_limit.remove(engine)
         unhook_dialect(engine.dialect)
         unhook_pool(engine.pool)
 
@@ -121,7 +127,9 @@ class _RegistryCollector:
         self.holders: dict[PoolRecorder, int] = {}
         self.requests = RequestStats()
         self.users = 0
-        local = PoolWatchCollector(self.exported, self.requests)
+        # The app loop most recently noted by a PoolWatch of this registry: its threadpool is read.
+        self.app_loop: asyncio.AbstractEventLoop | None = None
+        local = PoolWatchCollector(self.exported, self.requests, lambda: self.app_loop)
         self.publisher: Publisher | None = None
         self.collector: PoolWatchCollector | MultiProcessCollector = local
         directory = settings.multiproc_dir
@@ -172,8 +180,8 @@ class PoolWatch:
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
         self._engines: list[Engine] = []
         self._closed = False
-        # The ASGI app's event loop, noted by the middleware: the sidecar runs health there.
-        self.app_loop: asyncio.AbstractEventLoop | None = None
+        self._app_loop: asyncio.AbstractEventLoop | None = None
+        self._starvation: StarvationCheck | None = None
         self._sidecar: SidecarServer | None = None
         release_abandoned()
         with _instrument_lock:
@@ -244,6 +252,22 @@ class PoolWatch:
                 self._engines.append(engine)
 
     @property
+    def app_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The ASGI app's event loop, noted by the middleware: the sidecar runs health there, and
+        its AnyIO worker threads are read for the threadpool metrics and starvation."""
+        return self._app_loop
+
+    @app_loop.setter
+    def app_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._app_loop = loop
+        if self._closed:
+            return
+        self._shared.app_loop = loop
+        if loop is not None and self._starvation is None:
+            self._starvation = StarvationCheck(self)
+            starvation_watcher.add(self._starvation)
+
+    @property
     def recorders(self) -> list[PoolRecorder]:
         return [_instrumented[engine].recorder for engine in self._engines]
 
@@ -276,6 +300,9 @@ class PoolWatch:
         if self._closed:
             return
         self._closed = True
+        if self._starvation is not None:
+            starvation_watcher.discard(self._starvation)
+            self._starvation = None
         if self._sidecar is not None:
             self._sidecar.close()
             self._sidecar = None

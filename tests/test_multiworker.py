@@ -27,10 +27,12 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from sqlalchemy.engine import make_url
 
 import poolwatch
 from poolwatch._serve.multiprocess import MultiProcessCollector, Publisher
 from tests.metrics import parse_text
+from tests.test_server_limit import pg_client_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = 1000
@@ -186,7 +188,7 @@ def _wait_for_scrape(server: Server, condition: Callable[[Any], bool], seconds: 
         time.sleep(PUBLISH_INTERVAL / 2)
 
 
-def test_one_scrape_reports_every_worker(server: Server) -> None:
+def test_one_scrape_reports_every_worker(server: Server, postgres_url: str) -> None:
     def one_request(_: int) -> int:
         return server.pid_of("/work")
 
@@ -196,6 +198,10 @@ def test_one_scrape_reports_every_worker(server: Server) -> None:
     print(f"{REQUESTS} requests in {time.monotonic() - started:.1f}s: {served}")
     assert sum(served.values()) == REQUESTS
     assert len(served) == 2, f"requests were not spread over both workers: {served}"
+
+    client_limit = pg_client_limit(postgres_url)
+    database = make_url(postgres_url)
+    server_label = f"{database.host}:{database.port or 5432}/{database.database}"
 
     # Every worker publishes its last counts within an interval or so; a slow machine takes longer.
     _wait_for_scrape(
@@ -211,7 +217,9 @@ def test_one_scrape_reports_every_worker(server: Server) -> None:
         assert _value(samples, "poolwatch_connections_max", pool="app") == 2 * POOL_SIZE
         assert _value(samples, "poolwatch_connections", pool="app", state="used") == 0
         assert _value(samples, "poolwatch_pool_info", pool="app", dialect="postgresql",
-                      driver="asyncpg", pool_class="AsyncAdaptedQueuePool") == 1  # fmt: skip
+                      driver="asyncpg", pool_class="AsyncAdaptedQueuePool", server=server_label) == 1  # fmt: skip
+        # Both workers read the same server's limit: the service reports it once, not twice.
+        assert _value(samples, "poolwatch_server_connections_max", pool="app") == client_limit
 
     # One worker holds a connection; then it is killed and replaced.
     holder = server.pid_of("/hold")

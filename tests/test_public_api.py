@@ -62,6 +62,7 @@ EVENT_NAMES = [
     "poolwatch.pool_timeout",
     "poolwatch.pre_ping_failed",
     "poolwatch.slow_query",
+    "poolwatch.threadpool_starvation",
     "poolwatch.unknown_setting",
 ]
 
@@ -72,7 +73,10 @@ CATALOGUE = [
     ("poolwatch_pending_requests", "gauge", ("pool",)),
     ("poolwatch_oldest_checkout_age_seconds", "gauge", ("pool",)),
     ("poolwatch_leaked_connections", "gauge", ("pool",)),
-    ("poolwatch_pool_info", "gauge", ("pool", "dialect", "driver", "pool_class")),
+    ("poolwatch_pool_info", "gauge", ("pool", "dialect", "driver", "pool_class", "server")),
+    ("poolwatch_server_connections_max", "gauge", ("pool",)),
+    ("poolwatch_threadpool_threads", "gauge", ("state",)),
+    ("poolwatch_threadpool_capacity", "gauge", ()),
     ("poolwatch_checkouts_total", "counter", ("pool",)),
     ("poolwatch_checkins_total", "counter", ("pool",)),
     ("poolwatch_connects_total", "counter", ("pool",)),

@@ -241,18 +241,44 @@ class HealthChanged:
         return fields
 
 
+@dataclass(frozen=True, slots=True)
+class ThreadpoolStarvation:
+    """Callers wait for a pool while every AnyIO worker-thread token is taken, tasks wait for one,
+    and no connection came back for a while: the sync-endpoint deadlock. Once per episode."""
+
+    name: ClassVar[str] = "poolwatch.threadpool_starvation"
+    level: ClassVar[Level] = "error"
+
+    pool: str
+    threads_busy: int
+    threads_waiting: int
+    threads_capacity: float  # AnyIO's total tokens (an int, or inf)
+    callers_waiting: int
+    checked_out: int
+    seconds_without_checkin: float
+    routes: dict[str, int]  # route -> connections it holds now
+
+    def fields(self) -> dict[str, Any]:
+        capacity = self.threads_capacity
+        return {
+            "pool": self.pool,
+            "threads_busy": self.threads_busy,
+            "threads_waiting": self.threads_waiting,
+            "threads_capacity": int(capacity) if capacity.is_integer() else capacity,
+            "callers_waiting": self.callers_waiting,
+            "checked_out": self.checked_out,
+            "seconds_without_checkin": round(self.seconds_without_checkin, 1),
+            "routes": dict(self.routes),
+        }
+
+
 Event = (
-    LeakDetected
-    | LeakReturned
-    | HeldIdle
-    | GcReclaimed
-    | PoolTimeout
-    | PrePingFailed
-    | SlowQuery
-    | HealthChanged
-)
+    LeakDetected | LeakReturned | HeldIdle | GcReclaimed | PoolTimeout | PrePingFailed | SlowQuery
+    | HealthChanged | ThreadpoolStarvation
+)  # fmt: skip
 EVENT_TYPES: tuple[type[Event], ...] = (
     LeakDetected, LeakReturned, HeldIdle, GcReclaimed, PoolTimeout, PrePingFailed, SlowQuery, HealthChanged,
+    ThreadpoolStarvation,
 )  # fmt: skip
 
 

@@ -52,6 +52,7 @@ from .events import (
     emit,
 )
 from .histogram import Histogram, HistogramCopy, ticker_value
+from .server import server_label
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -142,6 +143,12 @@ class PoolRecorder:
         # A minimal third-party dialect may lack either; SQLAlchemy itself does not need them.
         self.dialect = str(getattr(engine.dialect, "name", None) or "unknown")
         self.driver = str(getattr(engine.dialect, "driver", None) or "unknown")
+        self.server = server_label(engine.url)
+        # The server's connection limit, read on a connection the pool opened (see
+        # ``_capture.server_limit``): None until read, and for SQLite. ``server_limit_read_at``
+        # is the monotonic time of the last attempt, so it is refreshed rarely.
+        self.server_connections_max: int | None = None
+        self.server_limit_read_at: float | None = None
         # Re-entrant: the garbage collector may check a connection in on a thread that holds it.
         self.lock = threading.RLock()
         # Callers inside Pool.connect now = started - the wait histogram's count (every call that

@@ -11,6 +11,7 @@ every route's histogram is most of what a scrape costs.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .._record.histogram import HistogramCopy
 from .._record.recorder import Exemplar as RecordedExemplar
 from .._record.recorder import PoolRecorder
 from .._record.requests import RequestStats
+from .threadpool import read_threadpool
 
 
 @dataclass
@@ -82,7 +84,10 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_pending_requests", "gauge", "Callers waiting for a connection now.", POOL),
         _spec("poolwatch_oldest_checkout_age_seconds", "gauge", "Age of the longest-held checkout now (0 if none).", POOL),
         _spec("poolwatch_leaked_connections", "gauge", "Checkouts held longer than the leak threshold now.", POOL),
-        _spec("poolwatch_pool_info", "gauge", "What the pool is.", POOL, "dialect", "driver", "pool_class"),
+        _spec("poolwatch_pool_info", "gauge", "What the pool is.", POOL, "dialect", "driver", "pool_class", "server"),
+        _spec("poolwatch_server_connections_max", "gauge", "The database server's connection limit available to clients.", POOL),
+        _spec("poolwatch_threadpool_threads", "gauge", "AnyIO worker-thread tokens in use (busy) / tasks waiting for one (waiting).", "state"),
+        _spec("poolwatch_threadpool_capacity", "gauge", "Total tokens of AnyIO's default thread limiter."),
         _spec("poolwatch_checkouts_total", "counter", "Checkouts.", POOL),
         _spec("poolwatch_checkins_total", "counter", "Checkins.", POOL),
         _spec("poolwatch_connects_total", "counter", "New DBAPI connections opened.", POOL),
@@ -132,7 +137,11 @@ class Scrape:
 NamedRecorder = PoolRecorder | tuple[str, PoolRecorder]
 
 
-def read_scrape(recorders: Iterable[NamedRecorder], requests: RequestStats | None) -> Scrape:
+def read_scrape(
+    recorders: Iterable[NamedRecorder],
+    requests: RequestStats | None,
+    app_loop: asyncio.AbstractEventLoop | None = None,
+) -> Scrape:
     scrape = Scrape()
     for item in recorders:
         name, recorder = item if isinstance(item, tuple) else (item.name, item)
@@ -140,6 +149,7 @@ def read_scrape(recorders: Iterable[NamedRecorder], requests: RequestStats | Non
     if requests is not None:
         for labels, copy in requests.snapshot().items():
             scrape.add("poolwatch_request_queries", labels, HistogramRow(copy))
+    _read_threadpool(scrape, app_loop)
     scrape.add("poolwatch_internal_errors_total", (), float(internal_errors.count))
     return scrape
 
@@ -158,7 +168,9 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
     add("poolwatch_oldest_checkout_age_seconds", pool, snap.live.oldest_age)
     add("poolwatch_leaked_connections", pool, snap.live.leaked)
     pool_class = type(recorder.pool).__name__ if recorder.pool is not None else "unknown"
-    add("poolwatch_pool_info", (name, recorder.dialect, recorder.driver, pool_class), 1)
+    add("poolwatch_pool_info", (name, recorder.dialect, recorder.driver, pool_class, recorder.server), 1)
+    if recorder.server_connections_max is not None:
+        add("poolwatch_server_connections_max", pool, recorder.server_connections_max)
     add("poolwatch_checkouts_total", pool, snap.checkouts)
     add("poolwatch_checkins_total", pool, snap.checkins)
     add("poolwatch_connects_total", pool, snap.connects)
@@ -192,6 +204,21 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
         add("poolwatch_held_idle_seconds", (name, route), HistogramRow(copy))
 
 
+def _read_threadpool(scrape: Scrape, app_loop: asyncio.AbstractEventLoop | None) -> None:
+    """The app's worker threads; nothing without an app loop (``watch()`` in a script)."""
+    try:
+        state = read_threadpool(app_loop)
+    except Exception as error:  # an AnyIO that changed shape: the rest of the scrape stands
+        internal_errors.record("threadpool", error)
+        return
+    if state is None:
+        return
+    scrape.add("poolwatch_threadpool_threads", ("busy",), state.busy)
+    scrape.add("poolwatch_threadpool_threads", ("waiting",), state.waiting)
+    if state.capacity is not None:
+        scrape.add("poolwatch_threadpool_capacity", (), state.capacity)
+
+
 # Set while poolwatch writes its own families itself, so the registry pass skips them.
 writing_directly: ContextVar[bool] = ContextVar("poolwatch_writing_directly", default=False)
 
@@ -203,12 +230,15 @@ class PoolWatchCollector(Collector):
         self,
         recorders: Callable[[], Iterable[NamedRecorder]],
         requests: RequestStats | None = None,
+        app_loop: Callable[[], asyncio.AbstractEventLoop | None] | None = None,
     ) -> None:
         self._recorders = recorders
         self._requests = requests
+        self._app_loop = app_loop
 
     def read(self) -> Scrape:
-        return read_scrape(list(self._recorders()), self._requests)
+        loop = self._app_loop() if self._app_loop is not None else None
+        return read_scrape(list(self._recorders()), self._requests, loop)
 
     def describe(self) -> Iterator[Metric]:
         """Every family of the catalogue, without samples.

@@ -11,8 +11,9 @@ collectors, and poolwatch's gauges are read from the live pool at scrape time, s
 - The scraped worker uses its own families fresh and merges every other file of the same *service
   instance* (same supervisor: parent pid and the parent's start time): counters and histograms are
   summed over all workers, dead ones included (what a dead worker counted still happened, and sums
-  never go backwards); gauges come from live workers only, summed, except the oldest checkout age
-  and ``poolwatch_pool_info``, which take the maximum.
+  never go backwards); gauges come from live workers only, summed (so worker threads and their
+  capacity add up over the workers), except the oldest checkout age, ``poolwatch_pool_info`` and
+  the server's connection limit, which take the maximum.
 - A worker is live while its pid exists, is not a zombie, started when its file says, and its file
   is not marked dead (gunicorn's ``child_exit`` hook and the worker's own exit mark it).
 
@@ -42,7 +43,10 @@ from .._log import internal_errors
 PREFIX = "poolwatch-"
 FORMAT_VERSION = 1
 # Gauges whose service-wide value is the largest worker's, not the sum.
-MAX_GAUGES = frozenset({"poolwatch_oldest_checkout_age_seconds", "poolwatch_pool_info"})
+# The server's connection limit is the same server read by each worker: summing would multiply it.
+MAX_GAUGES = frozenset(
+    {"poolwatch_oldest_checkout_age_seconds", "poolwatch_pool_info", "poolwatch_server_connections_max"}
+)
 
 Document = dict[str, Any]
 

@@ -225,6 +225,7 @@ def test_every_event_is_frozen_slotted_and_named_like_before() -> None:
         "poolwatch.pool_timeout",
         "poolwatch.pre_ping_failed",
         "poolwatch.slow_query",
+        "poolwatch.threadpool_starvation",
     ]
     for kind in EVENT_TYPES:
         assert vars(kind)["__dataclass_params__"].frozen, kind
