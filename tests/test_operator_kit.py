@@ -80,18 +80,6 @@ REQUIRED_METRICS = {
     },
 }
 
-# Metrics of issue 16 items 1 and 4 (held-idle time, connect errors), which the poolwatch-causes
-# dashboard already shows and which another branch adds to the package. Until SPECS exports them
-# they may be queried without being in the catalogue, and the real-Prometheus test accepts no data
-# for their panels; once exported, both checks hold them like every other metric (see
-# ``not_yet_exported``). Remove this set when they are in.
-EXPECTED_LATER = {
-    "poolwatch_held_idle_seconds_bucket",
-    "poolwatch_held_idle_seconds_sum",
-    "poolwatch_held_idle_seconds_count",
-    "poolwatch_connect_errors_total",
-}
-
 # Catalogue metrics without a pool label: their panels filter by job and instance only.
 POOL_LESS = {
     "poolwatch_request_queries_bucket",
@@ -192,14 +180,6 @@ def exported_names(metrics: dict[str, str]) -> set[str]:
     return names
 
 
-def not_yet_exported() -> set[str]:
-    """The EXPECTED_LATER names that the package does not export yet."""
-    from poolwatch._serve.collector import SPECS
-
-    exported = exported_names({name: spec.kind for name, spec in SPECS.items()})
-    return EXPECTED_LATER - exported
-
-
 def metric_names(expr: str) -> set[str]:
     return set(METRIC_NAME.findall(expr))
 
@@ -245,7 +225,7 @@ def test_readme_metric_reference_lists_exactly_what_the_package_exports() -> Non
 
 
 def test_every_metric_used_by_dashboards_and_rules_is_in_the_catalogue() -> None:
-    allowed = exported_names(catalogue()) | not_yet_exported()
+    allowed = exported_names(catalogue())
     used: dict[str, set[str]] = {}
     for uid, title, expr in panel_queries():
         for name in metric_names(expr):

@@ -215,6 +215,12 @@ class PoolRecorder:
         """Every counted checkin is one observation of a hold-time histogram."""
         return sum(histogram.count for histogram in list(self.use.values()))
 
+    @property
+    def checkin_progress(self) -> float:
+        """A number that grows with every checkin (the seconds held, summed): cheaper to read
+        than ``checkins``, which reads every bucket of every route's histogram."""
+        return sum(histogram.total for histogram in list(self.use.values()))
+
     def wait_failed(self, started: float, timed_out: bool) -> None:
         waited = perf_counter() - started
         try:

@@ -32,7 +32,7 @@ CHECK_INTERVAL_SECONDS = 1.0
 
 @dataclass
 class _PoolProgress:
-    checkins: int
+    checkins: float  # the recorder's checkin_progress
     since: float  # monotonic time checkins last changed
     reported: bool = False  # this episode was logged
 
@@ -56,7 +56,7 @@ class StarvationCheck:
             del self._progress[gone]
         for recorder in recorders:
             progress = self._progress.get(recorder)
-            checkins = recorder.checkins
+            checkins = recorder.checkin_progress
             if progress is None or progress.checkins != checkins:
                 self._progress[recorder] = _PoolProgress(checkins, now)
                 continue
