@@ -461,7 +461,20 @@ def request_app(args: argparse.Namespace, mode: str) -> Any:
         poolwatch.instrument(app, engine, registry=CollectorRegistry(), name="bench")
     elif mode == "watch":  # the engine's hooks without the middleware: no request context
         poolwatch.watch(engine, registry=CollectorRegistry(), name="bench")
+    elif mode == "noop":  # the floor of the middleware: the hooks and one do-nothing ASGI layer
+        poolwatch.watch(engine, registry=CollectorRegistry(), name="bench")
+        app.add_middleware(NoopMiddleware)
     return app
+
+
+class NoopMiddleware:
+    """A pure ASGI middleware that only passes the call on: what any middleware layer costs."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 def thread_user_seconds() -> float:
@@ -714,6 +727,8 @@ def units() -> dict[str, Unit]:
         Unit("request_bare", "request", "request, bare", request_timer("bare")),
         Unit("request_watch", "request", "request, poolwatch.watch(engine) only (no middleware)",
              request_timer("watch")),
+        Unit("request_noop", "request",
+             "request, floor: watch(engine) + a do-nothing ASGI middleware", request_timer("noop")),
         Unit("request_pw", "request", "request, poolwatch.instrument", request_timer("instrument")),
     ]  # fmt: skip
     found += [Unit(f"op_{name}", "op", label, op_timer(statement)) for name, label, statement in OPS]
@@ -1268,8 +1283,9 @@ def request_table(
          f"{median_us('user', name):.1f}", f"{median_us('cpu', name):.1f}", f"{median_us('wall', name):.1f}"]
         for name in names
     ]  # fmt: skip
-    if "request_watch" in per_op:
-        rows.insert(1, [UNITS["request_watch"].label, fmt_count(instr("request_watch")), "", "", "", ""])
+    for position, extra in ((1, "request_watch"), (2, "request_noop")):
+        if extra in per_op:
+            rows.insert(position, [UNITS[extra].label, fmt_count(instr(extra)), "", "", "", ""])
     print(table(["configuration", "instructions / request (median of seeds)", "seed spread",
                  "user CPU us (main thread)", "CPU us (process)", "wall us"], rows))  # fmt: skip
     print()
@@ -1293,6 +1309,11 @@ def request_table(
             line += (f"\n  Of that, the engine's hooks (checkout, checkin, statement, borrow-site walk): "
                      f"{watch_only - bare:+,.0f}; the middleware and what a request context adds: "
                      f"{deltas[0] - (watch_only - bare):+,.0f} (seed {args.request_seeds[0]}).")  # fmt: skip
+        noop = instr("request_noop")
+        if watch_only is not None and noop is not None:
+            line += (f"\n  A do-nothing ASGI middleware layer costs {noop - watch_only:+,.0f} of that; "
+                     f"poolwatch's middleware and request context beyond it: "
+                     f"{deltas[0] - (noop - bare):+,.0f}.")  # fmt: skip
         print(line)
     if args.cache_sim and per_op:
         cache_table(args, drivers_user_us=median_us("user", "request_bare"))

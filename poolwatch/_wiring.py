@@ -24,7 +24,6 @@ from ._capture.dialect_hooks import hook_dialect, unhook_dialect
 from ._capture.engines import EngineLike, Engines, collect_engines, root_engine, sync_engine_of
 from ._capture.listeners import EngineListeners
 from ._capture.pool_hooks import hook_pool, recorder_of, unhook_pool
-from ._capture.server_limit import ServerLimitListener
 from ._log import logger
 from ._record.leaks import sweeper
 from ._record.recorder import PoolRecorder
@@ -50,12 +49,10 @@ class _Instrumented:
     def __init__(self, name: str, engine: Engine, settings: PoolWatchSettings) -> None:
         self.recorder = PoolRecorder(name, engine, settings)
         self.listeners = EngineListeners(self.recorder)
-        self.server_limit = ServerLimitListener(self.recorder)
         self.owners = 0
         hook_pool(engine.pool, self.recorder)
         hook_dialect(engine.dialect, self.recorder, settings.slow_query_seconds)
         self.listeners.install(engine)
-        self.server_limit.install(engine)
         sweeper.add(self.recorder)
         self.traced = settings.tracing
         if self.traced:
@@ -68,7 +65,6 @@ class _Instrumented:
 
             disable_statement_spans(engine)
         self.listeners.remove(engine)
-        self.server_limit.remove(engine)
         unhook_dialect(engine.dialect)
         unhook_pool(engine.pool)
 

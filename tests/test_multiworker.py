@@ -218,8 +218,6 @@ def test_one_scrape_reports_every_worker(server: Server, postgres_url: str) -> N
         assert _value(samples, "poolwatch_connections", pool="app", state="used") == 0
         assert _value(samples, "poolwatch_pool_info", pool="app", dialect="postgresql",
                       driver="asyncpg", pool_class="AsyncAdaptedQueuePool", server=server_label) == 1  # fmt: skip
-        # Both workers read the same server's limit: the service reports it once, not twice.
-        assert _value(samples, "poolwatch_server_connections_max", pool="app") == client_limit
 
     # One worker holds a connection; then it is killed and replaced.
     holder = server.pid_of("/hold")
@@ -251,6 +249,16 @@ def test_one_scrape_reports_every_worker(server: Server, postgres_url: str) -> N
         assert _value(samples, "poolwatch_checkouts_total", pool="app") == REQUESTS + 1
         assert _value(samples, "poolwatch_connections", pool="app", state="used") == 0
         assert _value(samples, "poolwatch_connections_max", pool="app") == 2 * POOL_SIZE
+
+    # The server's limit is read by each worker's /health/db probe (its checkouts count too, so
+    # last): both workers read the same server, and the service reports it once, not twice.
+    for _ in range(8):
+        assert server.get("/health/db")[0] == 200
+    samples = _wait_for_scrape(
+        server,
+        lambda samples: bool(samples.find("poolwatch_server_connections_max", pool="app")),  # type: ignore[attr-defined]
+    )
+    assert _value(samples, "poolwatch_server_connections_max", pool="app") == client_limit
 
 
 # -- the publisher, in process ----------------------------------------------------------------------

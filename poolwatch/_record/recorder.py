@@ -145,7 +145,7 @@ class PoolRecorder:
         self.driver = str(getattr(engine.dialect, "driver", None) or "unknown")
         self.server = server_label(engine.url)
         # The server's connection limit, read on a connection the pool opened (see
-        # ``_capture.server_limit``): None until read, and for SQLite. ``server_limit_read_at``
+        # ``_serve.server_limit``): None until read, and for SQLite. ``server_limit_read_at``
         # is the monotonic time of the last attempt, so it is refreshed rarely.
         self.server_connections_max: int | None = None
         self.server_limit_read_at: float | None = None

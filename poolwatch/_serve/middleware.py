@@ -114,10 +114,12 @@ class Middleware:
         context = RequestContext(scope)
         token = current_request.set(context)
 
-        async def send_and_note_response(message: Message) -> None:
+        # A plain function that returns send's awaitable: the app awaits that directly, so no
+        # coroutine of ours is made for every message of every response.
+        def send_and_note_response(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 context.response_started = True
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_and_note_response)

@@ -74,6 +74,7 @@ from sqlalchemy.util import greenlet_spawn
 from .._log import internal_errors
 from .._record.context import NO_REQUEST, RequestContext, current_request
 from .collector import PoolState, read_pool_state
+from .server_limit import read_if_due
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -506,10 +507,14 @@ def _checkout(pool: Pool) -> Any:
     return pool.connect()
 
 
-def _ping(engine: Engine, dbapi_connection: Any) -> bool:
+def _ping(engine: Engine, recorder: PoolRecorder, dbapi_connection: Any) -> bool:
     dialect = engine.dialect
     # Through the class: the instance's do_ping is poolwatch's pre-ping counter.
-    return bool(type(dialect).do_ping(dialect, dbapi_connection))
+    alive = bool(type(dialect).do_ping(dialect, dbapi_connection))
+    if alive:
+        # poolwatch's own checkout: the one place it may ask the server something (server_limit).
+        read_if_due(recorder, dialect, dbapi_connection)
+    return alive
 
 
 def _discard(fairy: Any) -> None:
@@ -539,7 +544,7 @@ async def _run_async(
             fairy = await greenlet_spawn(_checkout, pool)
             flight.in_checkout = False
             try:
-                alive = await greenlet_spawn(_ping, engine, fairy.dbapi_connection)
+                alive = await greenlet_spawn(_ping, engine, recorder, fairy.dbapi_connection)
             except Exception:
                 _discard(fairy)
                 if attempt + 1 == _ATTEMPTS:
@@ -572,7 +577,7 @@ def _run_sync(engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, f
             fairy: Any = engine.pool.connect()
             flight.in_checkout = False
             try:
-                alive = _ping(engine, fairy.dbapi_connection)
+                alive = _ping(engine, recorder, fairy.dbapi_connection)
             except Exception:
                 _discard(fairy)
                 if attempt + 1 == _ATTEMPTS:
