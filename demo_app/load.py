@@ -2,11 +2,12 @@
 
     python -m demo_app.load --url http://127.0.0.1:8000 --duration 20 --concurrency 8
 
-It creates users and posts, reads them, pages through lists, updates and deletes some, asks for a
-few paths that do not exist, now and then registers an e-mail twice (409), and, unless told not to,
-calls the misbehaving endpoints (`/misbehave/...`) so the dashboards and alerts have something to
-show. It stops at `--duration` seconds or `--max-requests` requests, whichever comes first, and
-only talks to the URL it is given: hosts other than loopback are refused unless `--allow-remote`.
+It creates users and posts, reads them, pages through lists, updates and deletes some, asks
+``/health/db`` now and then as a readiness probe would, asks for a few paths that do not exist, now
+and then registers an e-mail twice (409), and, unless told not to, calls the misbehaving endpoints
+(`/misbehave/...`) so the dashboards and alerts have something to show. It stops at `--duration`
+seconds or `--max-requests` requests, whichever comes first, and only talks to the URL it is given:
+hosts other than loopback are refused unless `--allow-remote`.
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ async def delete_post(client: httpx.AsyncClient, state: State) -> int | None:
     return (await client.delete(f"/users/{post[0]}/posts/{post[1]}")).status_code
 
 
+async def readiness_probe(client: httpx.AsyncClient, state: State) -> int:
+    """What Kubernetes' readiness probe asks every few seconds (it also has poolwatch read the
+    database server's connection limit, on the probe's own connection)."""
+    return (await client.get("/health/db")).status_code
+
+
 async def unknown_path(client: httpx.AsyncClient, state: State) -> int:
     path = state.rng.choice(["/wp-login.php", "/favicon.ico", "/api/v2/users", "/.env"])
     return (await client.get(path)).status_code
@@ -210,6 +217,7 @@ NORMAL: dict[str, tuple[Action, float]] = {
     "update post": (update_post, 4),
     "delete post": (delete_post, 2),
     "unknown path": (unknown_path, 2),
+    "readiness probe": (readiness_probe, 1),
 }
 
 
@@ -238,7 +246,8 @@ async def run(url: str, plan: Plan, console: Console, show_progress: bool = True
     deadline = time.monotonic() + plan.duration
     # Seed some users, then one call to every misbehaving endpoint, so even a short run shows
     # every kind of trouble at least once; after that, the weighted mix.
-    opening: list[tuple[str, Action]] = [("create user", create_user)] * 10
+    opening: list[tuple[str, Action]] = [("readiness probe", readiness_probe)]
+    opening += [("create user", create_user)] * 10
     opening += [("create post", create_post)] * 10
     if plan.misbehave_ratio > 0:
         opening += list(MISBEHAVING.items())
