@@ -15,7 +15,9 @@ agrees).
 from __future__ import annotations
 
 import itertools
+import sys
 from bisect import bisect_left
+from collections.abc import Callable
 from functools import cache
 from typing import NamedTuple
 
@@ -30,13 +32,22 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 COUNT_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-def ticker_value(ticker: itertools.count[int]) -> int:
-    """How many times ``next()`` was called on an ``itertools.count()`` started at 0.
-
-    ``next(count)`` is a single atomic C call, which makes it the cheapest exact counter shared
-    between threads; its repr, ``count(N)``, is the only public way to read it without advancing.
-    """
+def _value_from_repr(ticker: itertools.count[int]) -> int:
     return int(repr(ticker)[6:-1])
+
+
+def _value_from_reduce(ticker: itertools.count[int]) -> int:
+    return int(ticker.__reduce__()[1][0])
+
+
+# How many times ``next()`` was called on an ``itertools.count()`` started at 0. ``next(count)`` is
+# a single atomic C call, which makes it the cheapest exact counter shared between threads; reading
+# it without advancing goes through its repr, ``count(N)``. On 3.11 its pickling support,
+# ``__reduce__``, reads it about 4x faster (a scrape reads thousands); 3.12 deprecates that and 3.14
+# removes it, so newer versions take the repr.
+ticker_value: Callable[[itertools.count[int]], int] = (
+    _value_from_reduce if sys.version_info < (3, 12) else _value_from_repr
+)
 
 
 class Histogram:
@@ -65,7 +76,8 @@ class Histogram:
     def copy(self) -> HistogramCopy:
         """The counts and sum now; safe at any time, on any thread, without a lock."""
         total = self.total
-        return HistogramCopy(self.bounds, [ticker_value(ticker) for ticker in self.tickers], total)
+        read = ticker_value
+        return HistogramCopy(self.bounds, [read(ticker) for ticker in self.tickers], total)
 
 
 class HistogramCopy(NamedTuple):
