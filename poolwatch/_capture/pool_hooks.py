@@ -62,6 +62,8 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     leaked_records = recorder.leaked_records
     histograms_by_key = recorder.histograms_by_key
     histograms_for = recorder.histograms_for
+    # Work outside any request (workers, scripts, start-up) skips the keyed lookup.
+    no_request_histograms = histograms_by_key[NO_REQUEST_KEY]
     wait = recorder.wait
     wait_tickers = wait.tickers
     bounds = wait.bounds
@@ -133,8 +135,12 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
             if entry is not None:  # else taken before poolwatch was installed
                 held = perf_counter() - entry[0]
                 request = entry[1]
-                key = NO_REQUEST_KEY if request is None else (request.key or request.labels())
-                use, idle_histogram = histograms_by_key.get(key) or histograms_for(key)
+                if request is None:
+                    key = NO_REQUEST_KEY
+                    use, idle_histogram = no_request_histograms
+                else:
+                    key = request.key or request.labels()
+                    use, idle_histogram = histograms_by_key.get(key) or histograms_for(key)
                 next(use.tickers[0 if held <= first else bisect_left(bounds, held)])
                 use.total += held
                 idle = held - entry[7][1]
