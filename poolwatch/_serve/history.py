@@ -35,14 +35,19 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class HistoryView:
-    """The kept samples as the page sends them: columns, and the aggregates over them. Built once
-    per kept sample, not once per read (the page reads every second, and so may several tabs)."""
+    """The kept samples as the page sends them, and the aggregates over them. Built once per kept
+    sample, not once per read (several tabs may read each second).
+
+    The charted series are kept as JSON number lists without their brackets (``"3,4,4"``): each
+    number is written once, when its sample is kept, and a view only joins them.
+    """
 
     samples: tuple[Sample, ...]
     at: tuple[float, ...]
-    used: tuple[int, ...]
-    idle: tuple[int, ...]
-    pending: tuple[int, ...]
+    used_json: str
+    idle_json: str
+    pending_json: str
+    ages_json: str  # whole seconds before the newest kept sample
     peak_used: int
     sum_used: int
     max_pending: int
@@ -55,18 +60,23 @@ class PoolHistory:
         self._lock = threading.Lock()
         bound = int(window / spacing) + 2
         self._samples: deque[Sample] = deque(maxlen=bound)
-        # The charted columns, kept beside the samples so a view copies them in C.
+        # The charted columns, kept beside the samples (the series as JSON numbers) so that a view
+        # is a few C-level copies and joins.
         self._at: deque[float] = deque(maxlen=bound)
         self._used: deque[int] = deque(maxlen=bound)
-        self._idle: deque[int] = deque(maxlen=bound)
         self._pending: deque[int] = deque(maxlen=bound)
+        self._used_json: deque[str] = deque(maxlen=bound)
+        self._idle_json: deque[str] = deque(maxlen=bound)
+        self._pending_json: deque[str] = deque(maxlen=bound)
         self._view: HistoryView | None = None
 
     def add(self, sample: Sample) -> bool:
         """Keep ``sample`` unless one was kept less than ``spacing`` ago; say whether it was kept."""
         with self._lock:
             samples = self._samples
-            columns = (self._at, self._used, self._idle, self._pending)
+            columns = (
+                self._at, self._used, self._pending, self._used_json, self._idle_json, self._pending_json
+            )  # fmt: skip
             if samples and sample.at - samples[-1].at < self.spacing:
                 return False
             if samples and _went_back(samples[-1], sample):
@@ -78,8 +88,10 @@ class PoolHistory:
             samples.append(sample)
             self._at.append(sample.at)
             self._used.append(sample.used)
-            self._idle.append(sample.idle)
             self._pending.append(sample.pending)
+            self._used_json.append(str(int(sample.used)))
+            self._idle_json.append(str(int(sample.idle)))
+            self._pending_json.append(str(int(sample.pending)))
             horizon = sample.at - self.window
             while samples and samples[0].at < horizon:
                 samples.popleft()
@@ -100,13 +112,16 @@ class PoolHistory:
         with self._lock:
             view = self._view
             if view is None:
+                at = tuple(self._at)
+                newest = at[-1] if at else 0.0
                 used, pending = tuple(self._used), tuple(self._pending)
                 view = self._view = HistoryView(
                     samples=tuple(self._samples),
-                    at=tuple(self._at),
-                    used=used,
-                    idle=tuple(self._idle),
-                    pending=pending,
+                    at=at,
+                    used_json=",".join(self._used_json),
+                    idle_json=",".join(self._idle_json),
+                    pending_json=",".join(self._pending_json),
+                    ages_json=",".join([str(int(newest - t + 0.5)) for t in at]),
                     peak_used=max(used, default=0),
                     sum_used=sum(used),
                     max_pending=max(pending, default=0),

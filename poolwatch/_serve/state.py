@@ -199,13 +199,6 @@ class StateBuilder:
                     "oldest_checkout_seconds": round(oldest, 3),
                     "leaked": leaked,
                 },
-                "history": {
-                    # Whole seconds: samples are about a second apart, and ints encode fast.
-                    "seconds_ago": [int(now - at + 0.5) for at in view.at] + [0] * len(now_extra),
-                    "used": [*view.used, *(s.used for s in now_extra)],
-                    "idle": [*view.idle, *(s.idle for s in now_extra)],
-                    "pending": [*view.pending, *(s.pending for s in now_extra)],
-                },
                 "window": {
                     "seconds": round(window.seconds, 1),
                     "since_seconds_ago": round(now - first, 1),
@@ -228,7 +221,8 @@ class StateBuilder:
                 "connection_fields": CONNECTION_FIELDS,
             }
         )
-        return f'{pool_json[:-1]},"connections":[{",".join(connections)}]}}'
+        series = _history_json(view, now, now_extra)
+        return f'{pool_json[:-1]},"history":{series},"connections":[{",".join(connections)}]}}'
 
 
 def _add_use(recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> tuple[float, int]:
@@ -250,6 +244,23 @@ def _add_use(recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> tu
             totals[0] += total
             totals[1] += count
     return held_seconds, held_count
+
+
+def _history_json(view: HistoryView, now: float, extra: tuple[Sample, ...]) -> str:
+    """``{"seconds_ago": [...], "used": [...], "idle": [...], "pending": [...]}``, oldest first."""
+    if extra:
+        # The reading of now, too close to the last kept sample to be kept, ends each series.
+        (last,) = extra
+        tails = (",0", f",{int(last.used)}", f",{int(last.idle)}", f",{int(last.pending)}")
+    else:
+        tails = ("", "", "", "")
+    # Read as the newest sample was kept (the usual case) the ages written with the view hold.
+    fresh = int(now - view.at[-1] + 0.5) == 0
+    ages = view.ages_json if fresh else ",".join([str(int(now - at + 0.5)) for at in view.at])
+    return (
+        f'{{"seconds_ago":[{ages}{tails[0]}],"used":[{view.used_json}{tails[1]}],'
+        f'"idle":[{view.idle_json}{tails[2]}],"pending":[{view.pending_json}{tails[3]}]}}'
+    )
 
 
 def _window(
@@ -330,7 +341,8 @@ def _fixed_fragment(entry: tuple[Any, ...]) -> tuple[str, bool]:
     if request is None:
         route = method = NO_REQUEST
     else:
-        route = request.route
+        # The template once routing found it, as the hot path reads it; else resolve it now.
+        route = request.resolved_route or request.route
         method = request.method  # the method label: registered methods only, never what a client made up
     return f"{quoted(method)},{quoted(route)},{_site_fragment(entry[3])}", route != UNMATCHED
 

@@ -238,6 +238,9 @@ def test_a_connection_out_shows_its_site_route_and_age(
     assert row["leaked"] is False and isinstance(row["age_ms"], int) and row["age_ms"] >= 0
     # Counted by the statement timer while the connection is out: none ran on it yet.
     assert row["statements"] == 0 and row["statement_ms"] == 0
+    series = pool["history"]
+    assert len(series["seconds_ago"]) == len(series["used"]) == len(series["idle"]) == len(series["pending"])
+    assert series["seconds_ago"][-1] == 0 and series["used"][-1] == 1
     by_time = {r["route"]: r for r in state["routes_by_connection_time"]}
     assert by_time["/items/{item_id}"]["checkouts"] == 3
     by_queries = {r["route"]: r for r in state["routes_by_queries"]}
@@ -335,6 +338,21 @@ def test_history_keeps_about_one_sample_a_second_for_the_window() -> None:
     # Counters that went back (a new recorder) start the history again.
     history.add(_sample(100, checkouts=0))
     assert len(history.samples()) == 1
+
+
+def test_a_read_between_kept_samples_ends_each_series_with_now(
+    engine: sa.Engine, registry: CollectorRegistry
+) -> None:
+    watch = poolwatch.watch(engine, registry=registry, name="main")
+    builder = StateBuilder()
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    first = json.loads(builder.build(recorders, None))["pools"][0]["history"]
+    with engine.connect():
+        # Read again at once: too soon to keep a sample, yet the chart ends with this reading.
+        second = json.loads(builder.build(recorders, None))["pools"][0]["history"]
+    assert first == {"seconds_ago": [0], "used": [0], "idle": [0], "pending": [0]}
+    assert second["used"] == [0, 1] and second["seconds_ago"][-1] == 0
+    assert len(second["idle"]) == len(second["pending"]) == 2
 
 
 def test_quantile_interpolates_like_prometheus() -> None:
