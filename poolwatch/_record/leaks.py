@@ -2,10 +2,15 @@
 
 One daemon thread for the process, started when the first pool with leak detection is watched and
 ended when the last one is released, so it never keeps a process alive and costs nothing idle.
+
+A forked child (gunicorn ``--preload`` forks workers after the app, and its engines, were made)
+inherits the sweeper but not its thread: the child starts a thread of its own for the pools it
+inherited, with a fresh lock, since the parent's thread may have held the old one at the fork.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -39,6 +44,15 @@ class LeakSweeper:
             if not self._recorders:
                 self._wake.set()
 
+    def after_fork_in_child(self) -> None:
+        """Only the forking thread exists in the child: start sweeping there again if needed."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        if len(self._recorders):
+            self._thread = threading.Thread(target=self._run, name="poolwatch-leak-sweeper", daemon=True)
+            self._thread.start()
+
     def sweep_now(self) -> None:
         for recorder in list(self._recorders):
             try:
@@ -59,3 +73,13 @@ class LeakSweeper:
 
 
 sweeper = LeakSweeper()
+
+
+def _restart_after_fork() -> None:
+    try:
+        sweeper.after_fork_in_child()
+    except Exception as error:
+        internal_errors.record("leak_sweep_fork", error)
+
+
+os.register_at_fork(after_in_child=_restart_after_fork)
