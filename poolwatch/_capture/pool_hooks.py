@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
+from collections.abc import Callable
 from contextvars import copy_context
 from sys import _getframe as getframe
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -169,12 +170,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                 internal_errors.record("disconnect", error)
 
     def recreate() -> Pool:
-        new_pool = original_recreate()
-        try:
-            _adopt_on_first_use(new_pool, recorder)
-        except Exception as error:
-            internal_errors.record("recreate", error)
-        return new_pool
+        return _recreate_and_adopt(original_recreate, recorder)
 
     pool.connect = connect  # type: ignore[method-assign]
     pool._do_return_conn = do_return_conn  # type: ignore[method-assign]
@@ -208,15 +204,21 @@ def _adopt_on_first_use(pool: Pool, recorder: PoolRecorder) -> None:
 
     def recreate() -> Pool:
         # Disposed again before any checkout: the question passes on to the next pool.
-        new_pool = type(pool).recreate(pool)
-        try:
-            _adopt_on_first_use(new_pool, recorder)
-        except Exception as error:
-            internal_errors.record("recreate", error)
-        return new_pool
+        return _recreate_and_adopt(lambda: type(pool).recreate(pool), recorder)
 
     pool.connect = connect  # type: ignore[method-assign]
     pool.recreate = recreate  # type: ignore[method-assign]
+
+
+def _recreate_and_adopt(recreate: Callable[[], Pool], recorder: PoolRecorder) -> Pool:
+    """``recreate()``, then the new pool is hooked at its first checkout if the watched engine
+    kept it (see ``_adopt_on_first_use``)."""
+    new_pool = recreate()
+    try:
+        _adopt_on_first_use(new_pool, recorder)
+    except Exception as error:
+        internal_errors.record("recreate", error)
+    return new_pool
 
 
 def watched_by(record: Any, recorder: PoolRecorder) -> bool:
