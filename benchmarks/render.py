@@ -51,7 +51,7 @@ from poolwatch._record.context import RequestContext, current_request
 from poolwatch._serve.exposition import render
 
 POOLS = ("primary", "replica", "analytics")
-TARGET_MS = 5.0
+TARGET_MS = 2.0
 # Event-loop gaps longer than this (beyond the ticker's own interval) count as stalls.
 STALL = 0.002
 PROMETHEUS_ACCEPT = (

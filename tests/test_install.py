@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolwatch
 from poolwatch import PoolWatchMiddleware
+from poolwatch._serve import exposition
 from tests.fault_fixtures import SERVINGS, Serving, client_of, wait_until_async
 from tests.metrics import parse_text, scrape
 
@@ -56,10 +57,21 @@ async def test_add_middleware_form_serves_metrics(
     await engine.dispose()
 
 
+@pytest.mark.parametrize("compressor", ["zlib", "isal"])
 @pytest.mark.parametrize("serving", SERVINGS)
 async def test_metrics_in_openmetrics_and_gzip(
-    async_url: str, registry: CollectorRegistry, serving: Serving
+    async_url: str,
+    registry: CollectorRegistry,
+    serving: Serving,
+    compressor: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Both ways a body is gzipped: the stdlib's, and ISA-L's when the speedups extra is installed
+    # (the test environment installs it: a missing isal fails here rather than going untested).
+    if compressor == "isal":
+        assert exposition.compress_body is exposition._isal_gzip, "poolwatch[speedups] not installed"
+    else:
+        monkeypatch.setattr(exposition, "compress_body", exposition._stdlib_gzip)
     engine = create_async_engine(async_url, pool_size=2)
     app = small_app(engine)
     poolwatch.instrument(app, engine, registry=registry, name="om")

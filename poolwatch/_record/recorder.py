@@ -381,9 +381,14 @@ class PoolRecorder:
 
     def snapshot(self) -> RecorderSnapshot:
         with self.lock:
+            # Checkins first, from the hold-time copies (one observation per checkin), and
+            # checkouts after: a checkin follows its checkout, so a scrape never shows more
+            # checkins than checkouts.
+            use = copy_histograms(self.use)
+            checkins = sum([sum(copy.counts) for copy in use.values()])
             snapshot = RecorderSnapshot(
                 checkouts=self.checkouts,
-                checkins=self.checkins,
+                checkins=checkins,
                 connects=self.connects,
                 disconnects=self.disconnects,
                 timeouts=copy_counts(self.timeouts),
@@ -397,7 +402,7 @@ class PoolRecorder:
                 query_errors=copy_counts(self.query_errors),
                 wait=self.wait.copy(),
                 connect_time=self.connect_time.copy(),
-                use=copy_histograms(self.use),
+                use=use,
                 held_idle=copy_histograms(self.held_idle),
                 query=copy_histograms(self.query),
             )

@@ -5,7 +5,7 @@ checkouts), never from inc/dec bookkeeping, so they cannot drift or go negative.
 
 A scrape is first read into plain rows (``read_scrape``). Those rows become prometheus_client metric
 families for anything that reads the registry, and are written straight to text by
-``_text_writer`` when poolwatch serves ``/metrics`` itself: building a Sample object per bucket of
+``text_writer`` when poolwatch serves ``/metrics`` itself: building a Sample object per bucket of
 every route's histogram is most of what a scrape costs.
 """
 
