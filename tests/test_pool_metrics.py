@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -126,10 +127,17 @@ def test_exact_counts_under_threads(sync_url: str, registry: CollectorRegistry) 
             engine.pool.connect().close()
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # The counts are lock-free ``+=`` statements (see poolwatch._record.histogram): switching
+    # threads every microsecond makes a lost update near certain if one could happen in between.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
     samples = scrape(registry)
     assert samples.value("poolwatch_checkouts_total", pool="threads") == 16000
     assert samples.value("poolwatch_checkins_total", pool="threads") == 16000

@@ -123,7 +123,7 @@ class _StatementTimer:
                 histogram = histograms[operation]
                 # Lock-free, as on the checkout path (see the histogram module).
                 bucket = 0 if elapsed <= histogram.first else bisect_left(histogram.bounds, elapsed)
-                next(histogram.tickers[bucket])
+                histogram.counts[bucket] += 1
                 histogram.total += elapsed
                 if context is not None:
                     try:

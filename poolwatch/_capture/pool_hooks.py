@@ -57,8 +57,6 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     # (one Python frame each, locals instead of attribute lookups, histogram observations written
     # out) because on this path a call costs as much as the work; the recorder owns the state and
     # everything that is not per-event. No lock: see the recorder's docstring.
-    waits_started = recorder.waits_started
-    checkout_ticker = recorder.checkout_ticker
     open_checkouts = recorder.open_checkouts
     leaked_records = recorder.leaked_records
     histograms_by_key = recorder.histograms_by_key
@@ -66,7 +64,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     # Work outside any request (workers, scripts, start-up) skips the keyed lookup.
     no_request_histograms = histograms_by_key[NO_REQUEST_KEY]
     wait = recorder.wait
-    wait_tickers = wait.tickers
+    wait_counts = wait.counts
     bounds = wait.bounds
     first = wait.first
     # A checkin held longer than this may be a leak or held idle too long: a closer look.
@@ -78,7 +76,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     get_request = current_request.get
 
     def connect() -> Any:
-        next(waits_started)
+        recorder.waits_started += 1
         started = perf_counter()
         try:
             fairy = original_connect()
@@ -91,7 +89,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
         # Observed first and outside the try: from here on this caller is not waiting.
         now = perf_counter()
         waited = now - started
-        next(wait_tickers[0 if waited <= first else bisect_left(bounds, waited)])
+        wait_counts[0 if waited <= first else bisect_left(bounds, waited)] += 1
         wait.total += waited
         try:
             record = fairy._connection_record
@@ -121,7 +119,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
             )
             # Else handed out again while out (SingletonThreadPool): one checkout, first entry kept.
             if open_checkouts.setdefault(record, entry) is entry:  # type: ignore[arg-type]
-                next(checkout_ticker)
+                recorder.checkouts += 1
             if request is not None and request.response_started:
                 recorder.count_after_response(request.route)
         except Exception as error:
@@ -142,10 +140,10 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                 else:
                     key = request.key or request.labels()
                     use, idle_histogram = histograms_by_key.get(key) or histograms_for(key)
-                next(use.tickers[0 if held <= first else bisect_left(bounds, held)])
+                use.counts[0 if held <= first else bisect_left(bounds, held)] += 1
                 use.total += held
                 idle = held - entry[7][1]
-                next(idle_histogram.tickers[0 if idle <= first else bisect_left(bounds, idle)])
+                idle_histogram.counts[0 if idle <= first else bisect_left(bounds, idle)] += 1
                 idle_histogram.total += idle
                 if tracing:
                     _keep_exemplar(recorder.use_exemplars, key, held)

@@ -1,15 +1,15 @@
-"""Per-pool recorder: tickers, bucket histograms and the table of live checkouts.
+"""Per-pool recorder: counts, bucket histograms and the table of live checkouts.
 
 Everything here is written on the hot path, so it is plain Python objects: no prometheus_client
 objects, no label tuples built per event, no stack walks beyond the cached borrow-site lookup. The
 collector reads a snapshot at scrape time.
 
-No lock on the checkout and checkin path. Every count there is an atomic C call (``next()`` on an
-``itertools.count``, one per histogram bucket; see ``histogram``), the table of checkouts is written
-with ``dict.setdefault`` and taken with ``dict.pop``, each one atomic, so the pop decides which
-checkin counts, and the sums are float ``+=`` statements that CPython does not interrupt (see
-``histogram``). An ``RLock`` serialises what is rare: the keyed counters (leaks, timeouts, errors),
-claiming a leak, making a route's histograms.
+No lock on the checkout and checkin path. Every count there is a ``+=`` statement on an int (a
+histogram bucket, or one of the recorder's own two counts), and the sums a ``+=`` on a float: CPython
+does not switch threads or start a collection inside one (see ``histogram``). The table of checkouts
+is written with ``dict.setdefault`` and taken with ``dict.pop``, each one atomic, so the pop decides
+which checkin counts. An ``RLock`` serialises what is rare: the keyed counters (leaks, timeouts,
+errors), claiming a leak, making a route's histograms.
 
 Garbage-collector re-entry. The collector may finalize a lost connection at any allocation (3.11)
 or between bytecodes (3.12+), on whatever thread allocated, and SQLAlchemy then checks it in on that
@@ -29,7 +29,6 @@ tests/test_gc_reentry.py forces a collection at every allocation of each reading
 from __future__ import annotations
 
 import contextvars
-import itertools
 import threading
 import time
 import traceback
@@ -51,7 +50,7 @@ from .events import (
     describe_site,
     emit,
 )
-from .histogram import Histogram, HistogramCopy, ticker_value
+from .histogram import Histogram, HistogramCopy
 from .server import server_label
 
 if TYPE_CHECKING:
@@ -153,10 +152,10 @@ class PoolRecorder:
         self.lock = threading.RLock()
         # Callers inside Pool.connect now = started - the wait histogram's count (every call that
         # ends, well or not, is observed there once).
-        self.waits_started = itertools.count()
+        self.waits_started = 0
         # Counted when the checkout table takes the entry (not when SingletonThreadPool hands out
         # a connection that is already out).
-        self.checkout_ticker = itertools.count()
+        self.checkouts = 0
 
         self.connects = 0
         self.disconnects = 0
@@ -204,11 +203,7 @@ class PoolRecorder:
     def pending(self) -> int:
         # Read the finished calls first: a caller that starts in between only makes this larger.
         finished = self.wait.count
-        return max(0, ticker_value(self.waits_started) - finished)
-
-    @property
-    def checkouts(self) -> int:
-        return ticker_value(self.checkout_ticker)
+        return max(0, self.waits_started - finished)
 
     @property
     def checkins(self) -> int:
