@@ -459,6 +459,10 @@ def request_app(args: argparse.Namespace, mode: str) -> Any:
 
     if mode == "instrument":
         poolwatch.instrument(app, engine, registry=CollectorRegistry(), name="bench")
+    elif mode == "instrument_no_site":  # leak detection off: no borrow-site walk per checkout
+        poolwatch.instrument(
+            app, engine, registry=CollectorRegistry(), name="bench", leak_threshold_seconds=0
+        )
     elif mode == "watch":  # the engine's hooks without the middleware: no request context
         poolwatch.watch(engine, registry=CollectorRegistry(), name="bench")
     elif mode == "noop":  # the floor of the middleware: the hooks and one do-nothing ASGI layer
@@ -730,6 +734,9 @@ def units() -> dict[str, Unit]:
         Unit("request_noop", "request",
              "request, floor: watch(engine) + a do-nothing ASGI middleware", request_timer("noop")),
         Unit("request_pw", "request", "request, poolwatch.instrument", request_timer("instrument")),
+        Unit("request_pw_no_site", "request",
+             "request, poolwatch.instrument, leak detection off (no borrow-site walk)",
+             request_timer("instrument_no_site")),
     ]  # fmt: skip
     found += [Unit(f"op_{name}", "op", label, op_timer(statement)) for name, label, statement in OPS]
     return {unit.name: unit for unit in found}
@@ -1155,7 +1162,9 @@ def report(args: argparse.Namespace, out_dir: Path) -> None:
             (
                 name,
                 pair(args.requests),
-                args.request_seeds if name != "request_watch" else args.request_seeds[:1],
+                args.request_seeds
+                if name not in ("request_watch", "request_pw_no_site")
+                else args.request_seeds[:1],
             )
             for name in SECTION_UNITS["request"]
         ]
@@ -1283,7 +1292,7 @@ def request_table(
          f"{median_us('user', name):.1f}", f"{median_us('cpu', name):.1f}", f"{median_us('wall', name):.1f}"]
         for name in names
     ]  # fmt: skip
-    for position, extra in ((1, "request_watch"), (2, "request_noop")):
+    for position, extra in ((1, "request_watch"), (2, "request_noop"), (4, "request_pw_no_site")):
         if extra in per_op:
             rows.insert(position, [UNITS[extra].label, fmt_count(instr(extra)), "", "", "", ""])
     print(table(["configuration", "instructions / request (median of seeds)", "seed spread",
@@ -1309,6 +1318,10 @@ def request_table(
             line += (f"\n  Of that, the engine's hooks (checkout, checkin, statement, borrow-site walk): "
                      f"{watch_only - bare:+,.0f}; the middleware and what a request context adds: "
                      f"{deltas[0] - (watch_only - bare):+,.0f} (seed {args.request_seeds[0]}).")  # fmt: skip
+        no_site = instr("request_pw_no_site")
+        if no_site is not None:
+            line += (f"\n  With leak detection off (no borrow-site walk): {no_site - bare:+,.0f} instructions, "
+                     f"{(no_site - bare) / rate:+.2f} us at the same rate.")  # fmt: skip
         noop = instr("request_noop")
         if watch_only is not None and noop is not None:
             line += (f"\n  A do-nothing ASGI middleware layer costs {noop - watch_only:+,.0f} of that; "
