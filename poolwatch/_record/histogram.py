@@ -5,8 +5,9 @@ checks for a thread switch only at calls and backward jumps, never between the l
 store of one such statement, and neither an int nor a float is tracked by the garbage collector,
 so making one never starts a collection: no other thread, and no checkin that the collector nests
 here, can come between the read and the write, and no count is lost. (A free-threaded build would
-need a lock here; poolwatch does not support one yet.) tests/test_histograms.py and
-tests/test_gc_reentry.py hold it to exact counts under 8 threads and under forced collections.
+need a lock here; poolwatch does not support one yet.) tests/test_pool_metrics.py holds it to
+exact counts under 8 threads switching every microsecond, tests/test_gc_reentry.py under forced
+collections.
 
 Readers copy the counts at any time, without a lock (``list.copy`` is one C call); a copy taken
 while threads observe may pair a sum with counts one observation apart, which Prometheus tolerates
