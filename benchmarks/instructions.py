@@ -578,34 +578,35 @@ OPS: list[tuple[str, str, str]] = [
      "wrapper()"),
     ("call_direct", "(the same bound method called directly)", "target()"),
     ("perf_counter", "time.perf_counter() and a float subtraction", "waited = perf_counter() - started"),
-    ("ticker", "next(itertools.count()): the waiting-callers tickers", "next(ticker)"),
+    ("ticker", "(next(itertools.count()): the lock-free count before int +=)", "next(ticker)"),
     ("contextvar_get", "ContextVar.get(): the current request", "request = get_request()"),
     ("getframe", "sys._getframe(1) in try/except", "try:\n    caller = getframe(1)\nexcept ValueError:\n    caller = None"),
-    ("site", "borrow site, fast path: getframe(1), code-cache dict.get, (f_code, f_lasti)",
+    ("site", "(borrow site keyed by the code object, before: CPython 3.11 re-hashes it)",
      "try:\n    caller = getframe(1)\nexcept ValueError:\n    caller = None\n"
      "if caller is not None and is_library_code.get(caller.f_code) is False:\n"
      "    site = (caller.f_code, caller.f_lasti)"),
     ("copy_context", "contextvars.copy_context() (and freeing it)", "context = copy_context()"),
-    ("entry_tuple", "the 7-field checkout entry tuple (and freeing it)",
-     "entry = (started, request, fairy_ref, site, None, record, context)"),
-    ("rlock", "RLock acquire() + release() in try/finally", "acquire()\ntry:\n    pass\nfinally:\n    release()"),
+    ("entry_tuple", "the 8-field checkout entry tuple with its usage list (and freeing them)",
+     "entry = (started, request, fairy_ref, site, None, record, context, [0, 0.0])"),
+    ("rlock", "(RLock acquire() + release() in try/finally: floor B, and poolwatch before)",
+     "acquire()\ntry:\n    pass\nfinally:\n    release()"),
     ("lock", "(Lock acquire() + release(), for comparison)", "lock_acquire()\ntry:\n    pass\nfinally:\n    lock_release()"),
-    ("histogram", "counts[bisect_left(bounds, v)] += 1; total += v",
+    ("histogram", "counts[bisect_left(bounds, v)] += 1; total += v (wait, hold, held idle)",
      "hist.counts[bisect_left(hist.bounds, waited)] += 1\nhist.total += waited"),
     ("attr_load", "an attribute load (fairy._connection_record, recorder.capture_site...)",
      "value = recorder.capture_site"),
-    ("attr_increment", "recorder.checkouts += 1 (an instance attribute)", "recorder.checkouts += 1"),
-    ("table", "checkout table: `in`, set, get, pop",
-     "if record not in table:\n    table[record] = entry\nfound = table.get(record)\n"
-     "table.pop(record, None)"),
+    ("attr_increment", "recorder.checkouts += 1, recorder.waits_started += 1", "recorder.checkouts += 1"),
+    ("table", "checkout table: setdefault at checkout, pop at checkin",
+     "table.setdefault(record, entry)\ntable.pop(record, None)"),
     ("entry_fields", "entry[0], entry[1], entry[2] at checkin", "a = entry[0]\nb = entry[1]\nc = entry[2]"),
     ("route_lookup", "route of the request and its use histogram at checkin",
      "route = NO_REQUEST if request is None else (request.resolved_route or request.route)\n"
      "use = use_by_route.get(route) or use_histogram(route)"),
     ("weakref", "fairy_ref is not None and fairy_ref() is None", "reclaimed = fairy_ref is not None and fairy_ref() is None"),
-    ("set_member", "record in leaked_records (empty set)", "flagged = record in leaked_records"),
+    ("set_member", "leaked_records and record in leaked_records (empty set: tested for truth only)",
+     "flagged = leaked_records and record in leaked_records"),
     # Ideas, not in poolwatch today: what they would cost instead.
-    ("idea_site_by_file", "borrow-site cache keyed by co_filename (a str caches its hash)",
+    ("idea_site_by_file", "borrow site, fast path: getframe(1), cache keyed by co_filename, (f_code, f_lasti)",
      "try:\n    caller = getframe(1)\nexcept ValueError:\n    caller = None\n"
      "if caller is not None and library_files.get(caller.f_code.co_filename) is False:\n"
      "    site = (caller.f_code, caller.f_lasti)"),
@@ -1388,8 +1389,8 @@ def breakdown(
           "loop), times how often the wrappers do it per cycle with default settings.\n")  # fmt: skip
     # How many times per checkout + checkin poolwatch's default wrappers do each operation.
     uses = {
-        "call_through": 2, "perf_counter": 3, "ticker": 2, "contextvar_get": 1, "site": 1,
-        "copy_context": 1, "entry_tuple": 1, "attr_load": 5, "rlock": 2, "histogram": 2, "attr_increment": 2,
+        "call_through": 2, "perf_counter": 3, "contextvar_get": 1, "idea_site_by_file": 1,
+        "copy_context": 1, "entry_tuple": 1, "attr_load": 5, "histogram": 3, "attr_increment": 2,
         "table": 1, "entry_fields": 1, "route_lookup": 1, "weakref": 1, "set_member": 1,
     }  # fmt: skip
     rows = []
