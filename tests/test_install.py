@@ -244,3 +244,22 @@ def test_demo_command_starts_without_database_url(tmp_path: Path) -> None:
         process.terminate()
         output, _ = process.communicate(timeout=10)
     assert b"Traceback" not in output, output.decode(errors="replace")
+
+
+def test_watching_a_sync_engine_imports_no_web_framework_or_asyncio_extension() -> None:
+    # The borrow site finds FastAPI's, uvicorn's and anyio's directories without importing them,
+    # and a sync engine needs no sqlalchemy.ext.asyncio: a worker or script pays for neither.
+    code = (
+        "import sys, sqlalchemy as sa, poolwatch\n"
+        "engine = sa.create_engine('sqlite://')\n"
+        "watch = poolwatch.watch(engine)\n"
+        "with engine.connect() as connection:\n"
+        "    connection.exec_driver_sql('SELECT 1')\n"
+        "assert watch.recorders[0].checkouts == 1\n"
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'sqlalchemy.ext.asyncio') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

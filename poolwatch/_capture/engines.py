@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-EngineLike = Engine | AsyncEngine
+if TYPE_CHECKING:
+    # Not imported at run time: ``sqlalchemy.ext.asyncio`` costs ~0.1 s to import, and an
+    # application that made an AsyncEngine has imported it already (see sync_engine_of).
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+EngineLike: TypeAlias = "Engine | AsyncEngine"
 # What one argument may name: an engine, several of them, or {pool name: engine}. The containers
 # are the ones collect_engines() accepts; a wider Collection would make a type checker unable to
 # infer a {name: engine} literal that mixes Engine and AsyncEngine.
-Engines = (
-    EngineLike
-    | Mapping[str, EngineLike]
-    | list[EngineLike]
-    | tuple[EngineLike, ...]
-    | set[EngineLike]
-    | frozenset[EngineLike]
+Engines: TypeAlias = (
+    "EngineLike | Mapping[str, EngineLike] | list[EngineLike] | tuple[EngineLike, ...]"
+    " | set[EngineLike] | frozenset[EngineLike]"
 )
 
 
 def sync_engine_of(candidate: object, where: str) -> Engine:
     """The sync Engine behind an Engine or AsyncEngine; anything else is a clear TypeError."""
-    if isinstance(candidate, AsyncEngine):
-        return candidate.sync_engine
     if isinstance(candidate, Engine):
         return candidate
+    asyncio_extension = sys.modules.get("sqlalchemy.ext.asyncio")
+    if asyncio_extension is not None and isinstance(candidate, asyncio_extension.AsyncEngine):
+        sync_engine: Engine = candidate.sync_engine
+        return sync_engine
     raise TypeError(
         f"poolwatch: {where} must be a SQLAlchemy Engine or AsyncEngine, "
         f"got {type(candidate).__module__}.{type(candidate).__qualname__}"
