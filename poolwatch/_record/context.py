@@ -24,10 +24,6 @@ METHODS = frozenset(
 )
 
 
-def method_label(method: object) -> str:
-    return method if isinstance(method, str) and method in METHODS else "OTHER"
-
-
 class RequestContext:
     """One HTTP request. The route is resolved lazily: routing happens after the middleware runs."""
 
@@ -36,7 +32,9 @@ class RequestContext:
     def __init__(self, scope: MutableMapping[str, Any]) -> None:
         self.scope = scope
         self.queries = 0
-        self.method = method_label("WEBSOCKET" if scope.get("type") == "websocket" else scope.get("method"))
+        method = "WEBSOCKET" if scope.get("type") == "websocket" else scope.get("method")
+        # Anything but a registered method is OTHER: clients cannot add series.
+        self.method = method if method.__class__ is str and method in METHODS else "OTHER"
         # Set once the app has begun its response: work after that outlives the request.
         self.response_started = False
         # The template once known; read directly on the hot path to skip the property call.
@@ -70,13 +68,6 @@ current_request: ContextVar[RequestContext | None] = ContextVar("poolwatch_reque
 
 def route_label(context: RequestContext | None) -> str:
     return NO_REQUEST if context is None else context.route
-
-
-def labels_of(context: RequestContext | None) -> tuple[str, str]:
-    """(route, method) of a request, or of work outside any."""
-    if context is None:
-        return NO_REQUEST_KEY
-    return context.key or context.labels()
 
 
 # id(route) -> (route, mount prefix). Keeping the route object alive makes the id safe to reuse.

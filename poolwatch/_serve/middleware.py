@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from .._log import internal_errors, logger
-from .._record.context import RequestContext, current_request, labels_of
+from .._record.context import RequestContext, current_request
 from .exposition import serve_metrics
 from .health import HealthEndpoints
 from .http import ASGIApp, Message, Receive, Scope, Send
@@ -92,13 +92,15 @@ class Middleware:
         # the app (scope["app"]) and its routes are known; an application's own endpoint wins.
         self._app_owns: dict[str, bool] = {}
         self._loop_seen = False
+        # Looked up once: it runs at the end of every request.
+        self._request_finished = watch.requests.request_finished
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._loop_seen:
             self._note_loop()
         kind = scope["type"]
         if kind == "http":
-            path = route_path(scope)
+            path = route_path(scope) if scope.get("root_path") else scope["path"]
             endpoint = self._endpoints.get(path)
             if endpoint is not None:
                 owned = self._app_owns.get(path)
@@ -126,7 +128,7 @@ class Middleware:
         finally:
             current_request.reset(token)
             try:
-                self.watch.requests.request_finished(labels_of(context), context.queries)
+                self._request_finished(context.key or context.labels(), context.queries)
             except Exception as error:
                 internal_errors.record("request_finished", error)
 
