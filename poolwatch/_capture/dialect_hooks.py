@@ -79,10 +79,10 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
             # Only an Exception says the connection is dead. A cancelled caller (asyncio's
             # CancelledError, greenlet's GreenletExit, KeyboardInterrupt) is a BaseException:
             # the client went away, the connection did not.
-            _pre_ping_failed(recorder, type(error).__name__)
+            _pre_ping_failed(recorder, dbapi_connection, type(error).__name__)
             raise
         if not alive:
-            _pre_ping_failed(recorder, "PingReturnedFalse")
+            _pre_ping_failed(recorder, dbapi_connection, "PingReturnedFalse")
         return alive
 
     dialect.do_execute = do_execute  # type: ignore[method-assign]
@@ -175,9 +175,9 @@ def _connect_failed(recorder: PoolRecorder, error: str) -> None:
         internal_errors.record("connect_failed", failure)
 
 
-def _pre_ping_failed(recorder: PoolRecorder, error: str) -> None:
+def _pre_ping_failed(recorder: PoolRecorder, dbapi_connection: Any, error: str) -> None:
     try:
-        recorder.pre_ping_failed(error)
+        recorder.pre_ping_failed(error, dbapi_connection)
     except Exception as failure:
         internal_errors.record("pre_ping", failure)
 

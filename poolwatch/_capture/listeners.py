@@ -40,7 +40,8 @@ class EngineListeners:
         @swallowing("invalidate")
         def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
             if watched_by(record, recorder):
-                recorder.invalidated("explicit" if exception is None else invalidation_reason(exception))
+                reason = "explicit" if exception is None else invalidation_reason(exception)
+                recorder.invalidated(recorder.invalidation_reason_for(dbapi_connection, reason))
 
         @swallowing("soft_invalidate")
         def on_soft_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:

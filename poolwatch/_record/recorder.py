@@ -185,6 +185,9 @@ class PoolRecorder:
         self.tracing = settings.tracing
         self.use_exemplars: dict[RouteKey, Exemplar] = {}
         self.query_exemplars: dict[str, Exemplar] = {}
+        # id(DBAPI connection) -> the driver's error class of its failed pre-ping, until the
+        # invalidation that follows (see pre_ping_failed).
+        self.failed_pings: dict[int, str] = {}
         # Records whose checkout the sweeper flagged; checked at checkin only while non-empty.
         self.leaked_records: set[Any] = set()
 
@@ -302,10 +305,25 @@ class PoolRecorder:
         with self.lock:
             bump(self.invalidations, reason)
 
-    def pre_ping_failed(self, error: str) -> None:
+    def pre_ping_failed(self, error: str, dbapi_connection: object = None) -> None:
         with self.lock:
             self.pre_ping_failures += 1
+        if dbapi_connection is not None:
+            # SQLAlchemy swallows the driver's error of a failed ping and invalidates the
+            # connection with its own InvalidatePoolError; the invalidation that follows on this
+            # thread takes the driver's class as its reason from here (``invalidation_reason_for``).
+            if len(self.failed_pings) > 1000:  # pings that raised instead: never invalidated
+                self.failed_pings.clear()
+            self.failed_pings[id(dbapi_connection)] = error
         emit(PrePingFailed(self.name, error))
+
+    def invalidation_reason_for(self, dbapi_connection: object, reason: str) -> str:
+        """``reason``, or the driver's error class when it is SQLAlchemy's stand-in for a ping
+        that failed on this very connection."""
+        failed_ping = self.failed_pings.pop(id(dbapi_connection), None)
+        if reason == "InvalidatePoolError" and failed_ping is not None:
+            return failed_ping
+        return reason
 
     # -- statements -----------------------------------------------------------------------------
 
