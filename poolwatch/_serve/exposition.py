@@ -34,7 +34,7 @@ def _isal_gzip(data: bytes) -> bytes:
 
 try:  # the ``speedups`` extra
     from isal.igzip import compress as isal_compress  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover - depends on what is installed
+except Exception:  # pragma: no cover - not installed (ImportError), or a broken binary wheel
     compress_body: Callable[[bytes], bytes] = _stdlib_gzip
 else:
     compress_body = _isal_gzip
