@@ -83,12 +83,14 @@ def _write_histogram(
 
 
 # (family, label block) -> (bucket layout, the series' lines with a %d per count and %a, the repr
-# of a float, for the sum).
+# of a float, for the sum). About 2 KiB each: 3 pools x 50 routes is ~400 series; the cap keeps
+# a pathological series count under ~10 MiB (past it the cache starts over, costing only speed).
+_TEMPLATE_LIMIT = 4_096
 _templates: dict[tuple[str, str], tuple[tuple[float, ...], bytes]] = {}
 
 
 def _histogram_template(name: str, labels: str, bounds: tuple[float, ...]) -> bytes:
-    if len(_templates) >= _CACHE_LIMIT:
+    if len(_templates) >= _TEMPLATE_LIMIT:
         _templates.clear()
     escaped = labels.replace("%", "%%")  # the only character %-formatting reads in the text
     prefix = f"{name}_bucket{{{escaped}," if labels else f"{name}_bucket{{"
