@@ -37,7 +37,7 @@ def busy_registry(sync_url: str, registry: CollectorRegistry):  # type: ignore[n
     unbounded = sa.create_engine(sync_url, poolclass=NullPool)
     watch = poolwatch.watch({'we"ird\\pool\nname': bounded, "null": unbounded}, registry=registry)
     Counter("app_orders", "An application metric beside poolwatch's.", registry=registry).inc(3)
-    for route in ("/users/{user_id}", "/orders/{order_id}", '/a"quoted\\route'):
+    for route in ("/users/{user_id}", "/orders/{order_id}", '/a"quoted\\route', "/off/100%d%%s"):
         token = current_request.set(RequestContext({"type": "http", "method": "GET", "route": None}))
         current_request.get().resolved_route = route  # type: ignore[union-attr]
         try:
