@@ -305,16 +305,15 @@ class PoolRecorder:
         with self.lock:
             bump(self.invalidations, reason)
 
-    def pre_ping_failed(self, error: str, dbapi_connection: object = None) -> None:
+    def pre_ping_failed(self, error: str, dbapi_connection: object) -> None:
         with self.lock:
             self.pre_ping_failures += 1
-        if dbapi_connection is not None:
-            # SQLAlchemy swallows the driver's error of a failed ping and invalidates the
-            # connection with its own InvalidatePoolError; the invalidation that follows on this
-            # thread takes the driver's class as its reason from here (``invalidation_reason_for``).
-            if len(self.failed_pings) > 1000:  # pings that raised instead: never invalidated
-                self.failed_pings.clear()
-            self.failed_pings[id(dbapi_connection)] = error
+        # SQLAlchemy swallows the driver's error of a failed ping and invalidates the connection
+        # with its own InvalidatePoolError; the invalidation that follows on this connection takes
+        # the driver's class as its reason from here (``invalidation_reason_for``).
+        if len(self.failed_pings) > 1000:  # pings that raised instead: never invalidated
+            self.failed_pings.clear()
+        self.failed_pings[id(dbapi_connection)] = error
         emit(PrePingFailed(self.name, error))
 
     def invalidation_reason_for(self, dbapi_connection: object, reason: str) -> str:

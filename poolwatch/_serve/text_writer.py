@@ -92,9 +92,8 @@ _templates: dict[tuple[str, str], tuple[tuple[float, ...], bytes]] = {}
 def _histogram_template(name: str, labels: str, bounds: tuple[float, ...]) -> bytes:
     if len(_templates) >= _TEMPLATE_LIMIT:
         _templates.clear()
-    escaped = labels.replace("%", "%%")  # the only character %-formatting reads in the text
-    prefix = f"{name}_bucket{{{escaped}," if labels else f"{name}_bucket{{"
-    braces = f"{{{escaped}}}" if labels else ""
+    # % is the only character %-formatting reads in the text.
+    prefix, braces = _series_parts(name, labels.replace("%", "%%"))
     lines = [f'{prefix}le="{bound}"}} %d.0\n' for bound in bound_labels(bounds)]
     lines.append(f"{name}_count{braces} %d.0\n{name}_sum{braces} %a\n")
     template = "".join(lines).encode()
@@ -102,9 +101,16 @@ def _histogram_template(name: str, labels: str, bounds: tuple[float, ...]) -> by
     return template
 
 
+def _series_parts(name: str, labels: str) -> tuple[str, str]:
+    """A histogram series' bucket-line prefix (up to its ``le``) and its label braces."""
+    if not labels:
+        return f"{name}_bucket{{", ""
+    return f"{name}_bucket{{{labels},", f"{{{labels}}}"
+
+
 def _histogram_with_exemplar(name: str, labels: str, copy: HistogramCopy, exemplar: Exemplar) -> str:
     bounds = bound_labels(copy.bounds)
-    prefix = f"{name}_bucket{{{labels}," if labels else f"{name}_bucket{{"
+    prefix, braces = _series_parts(name, labels)
     trace_id, value, timestamp = exemplar
     # OpenMetrics: the exemplar sits on the first bucket its value falls into.
     exemplar_at = next((i for i, bound in enumerate(copy.bounds) if value <= bound), len(copy.bounds))
@@ -115,6 +121,5 @@ def _histogram_with_exemplar(name: str, labels: str, copy: HistogramCopy, exempl
         running += count
         tail = exemplar_text if index == exemplar_at else ""
         lines.append(f'{prefix}le="{bound}"}} {running}.0{tail}\n')
-    braces = f"{{{labels}}}" if labels else ""
     lines.append(f"{name}_count{braces} {running}.0\n{name}_sum{braces} {copy.total!r}\n")
     return "".join(lines)
