@@ -77,12 +77,20 @@ def collect_engines(
         named = [(name, named[0][1])]
 
     result: list[tuple[str, Engine]] = []
-    seen_engines: set[int] = set()
+    # Keyed by the pool: an engine, its execution_options() engines and its copies share one pool,
+    # which is counted once, under one name.
+    seen_pools: dict[int, str] = {}
     seen_names: dict[str, Engine] = {}
     for given, engine in named:
-        if id(root_engine(engine)) in seen_engines:
-            continue  # the same engine twice (or with execution_options()) is one pool, counted once
-        seen_engines.add(id(root_engine(engine)))
+        first_name = seen_pools.get(id(engine.pool))
+        if first_name is not None:
+            if given is not None and given != first_name:
+                raise ValueError(
+                    f"poolwatch: {first_name!r} and {given!r} name the same pool (an engine and its "
+                    "execution_options() or copies share one pool, counted once under one name); "
+                    f"pass that pool once, e.g. {{{first_name!r}: engine}}"
+                )
+            continue  # the same pool again, unnamed or under the same name: counted once
         # A name given now wins; else the pool keeps the name it is already watched under.
         pool_name = given or known_name(engine) or default_pool_name(engine)
         if pool_name in seen_names:
@@ -90,6 +98,7 @@ def collect_engines(
                 f"poolwatch: two engines would both be pool {pool_name!r}; "
                 "name them with a mapping such as {'primary': engine, 'replica': other}"
             )
+        seen_pools[id(engine.pool)] = pool_name
         seen_names[pool_name] = engine
         result.append((pool_name, engine))
     return result
