@@ -95,6 +95,36 @@ def _instrumentor_traces(engine: Engine) -> bool:
     )
 
 
+def require_tracing() -> None:
+    """Fail now, naming the extra, if statement spans cannot be made.
+
+    Called when a PoolWatch with ``tracing`` is made, before anything is hooked: FastAPI brings
+    ``opentelemetry-api`` but not the instrumentation packages, so without this check the first
+    engine to be traced (often one added in the lifespan) would fail later with a bare
+    ModuleNotFoundError from inside poolwatch.
+    """
+    try:
+        _tracing_parts()
+    except ImportError as error:
+        raise ImportError(
+            "poolwatch: setting tracing (POOLWATCH_TRACING) needs OpenTelemetry's SQLAlchemy "
+            f"instrumentation, which cannot be imported here ({error}): pip install 'poolwatch[otel]', "
+            "or turn tracing off"
+        ) from error
+
+
+def _tracing_parts() -> None:
+    """Import what ``_make_engine_tracer`` imports (keep the two lists equal): a missing package or
+    a renamed private name of the instrumentation package fails here, at start-up."""
+    from opentelemetry.instrumentation._semconv import (  # noqa: F401
+        _get_schema_url_for_signal_types,
+        _OpenTelemetryStabilitySignalType,
+    )
+    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer  # noqa: F401
+    from opentelemetry.instrumentation.sqlalchemy.version import __version__  # noqa: F401
+    from opentelemetry.trace import get_tracer  # noqa: F401
+
+
 def _make_engine_tracer(engine: Engine, tracer_provider: TracerProvider | None) -> Any:
     from opentelemetry.instrumentation._semconv import (
         _get_schema_url_for_signal_types,

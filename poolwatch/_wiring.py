@@ -95,13 +95,9 @@ def _known_name(engine: Engine) -> str | None:
 
 
 def _enable_spans(engine: Engine) -> None:
-    try:
-        from ._otel import enable_statement_spans
-    except ImportError as error:  # pragma: no cover - depends on the installed extras
-        raise ImportError(
-            "poolwatch: setting tracing (POOLWATCH_TRACING) needs OpenTelemetry: "
-            "pip install 'poolwatch[otel]'"
-        ) from error
+    # PoolWatch() checked that the spans' packages import (require_tracing).
+    from ._otel import enable_statement_spans
+
     enable_statement_spans(engine)
 
 
@@ -172,6 +168,12 @@ class PoolWatch:
         **settings: Unpack[SettingsKeywords],
     ) -> None:
         self.settings = build_settings(settings)
+        if self.settings.tracing:
+            # Here, not when the first engine is traced: that may be one added in the lifespan,
+            # and the application's first request would fail instead of its start.
+            from ._otel import require_tracing
+
+            require_tracing()
         warn_if_multiworker(self.settings)
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
         self._engines: list[Engine] = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -301,3 +305,92 @@ def test_spread_keeps_bucket_counts_and_the_sum() -> None:
         index = next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
         buckets[index] += count
     assert buckets == counts
+
+
+# -- tracing without the otel extra ----------------------------------------------------------------
+
+# Run in a fresh interpreter where the otel extra's packages cannot be imported, as in an app that
+# has FastAPI (which brings opentelemetry-api) but not poolwatch[otel]: a meta-path finder refuses
+# the instrumentation and SDK packages before anything else is imported.
+_WITHOUT_THE_EXTRA = """
+import json, os, sys
+
+class _NotInstalled:
+    blocked = ("opentelemetry.instrumentation", "opentelemetry.sdk")
+
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in self.blocked):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NotInstalled())
+
+import opentelemetry.trace  # the API alone is importable, as FastAPI installs it
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+import poolwatch
+
+engine = sa.create_engine(os.environ["DATABASE_URL"], pool_size=1)
+app = FastAPI()
+
+@app.get("/one")
+def one() -> int:
+    with engine.connect() as connection:
+        return connection.execute(sa.text("SELECT 1")).scalar_one()
+
+result = {}
+try:
+    if sys.argv[1] == "watch":
+        poolwatch.watch(engine, registry=CollectorRegistry())  # tracing from POOLWATCH_TRACING
+    elif sys.argv[1] == "instrument-then-add":  # engines added in the lifespan, the FastAPI way
+        watch = poolwatch.instrument(app, registry=CollectorRegistry(), tracing=True)
+        watch.add(engine)
+    else:
+        poolwatch.instrument(app, engine, registry=CollectorRegistry())
+    result["started"] = True
+    with TestClient(app) as client:
+        result["status"] = client.get("/one").status_code
+except Exception as error:
+    result["error"] = f"{type(error).__name__}: {error}"
+engine.dispose()
+print(json.dumps(result))
+"""
+
+
+def _run_without_the_extra(how: str, sync_url: str, **environment: str) -> dict[str, Any]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.upper().startswith(("POOLWATCH_", "PROMETHEUS_MULTIPROC", "OTEL_"))
+    }
+    env.update(environment, DATABASE_URL=sync_url)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THE_EXTRA, how], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("how", "environment"),
+    [("watch", {"POOLWATCH_TRACING": "true"}), ("instrument-then-add", {})],
+    ids=["watch with POOLWATCH_TRACING", "instrument(app, tracing=True) with no engine yet"],
+)
+def test_tracing_without_the_extra_fails_at_start_naming_the_extra(
+    sync_url: str, how: str, environment: dict[str, str]
+) -> None:
+    answer = _run_without_the_extra(how, sync_url, **environment)
+    assert "started" not in answer, answer
+    error = answer["error"]
+    assert error.startswith("ImportError: poolwatch: setting tracing (POOLWATCH_TRACING)"), error
+    assert "pip install 'poolwatch[otel]'" in error
+    assert "opentelemetry.instrumentation" in error  # what could not be imported
+
+
+def test_without_the_extra_and_without_tracing_poolwatch_works(sync_url: str) -> None:
+    # The blocker itself is checked by the test above; here the app starts and answers.
+    assert _run_without_the_extra("instrument", sync_url) == {"started": True, "status": 200}
