@@ -75,6 +75,16 @@ class PoolWatchSettings(BaseSettings):
     def _empty_path_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("metrics_port", "multiproc_dir", "health_token", "ui_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # A deployment can often only empty a variable, not remove it (``FOO=`` in a compose file, a
+        # Helm value left blank): for a setting that is unset by default, empty means unset, never
+        # port "", the working directory "." as the shared directory, or an empty token.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator(
         "leak_threshold_seconds",
         "slow_query_seconds",

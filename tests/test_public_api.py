@@ -37,7 +37,9 @@ SETTINGS = {
     "health_cache_seconds": 2.0,
     "health_details": "never",
     "health_token": None,
-    "health_saturated_status": 503,
+    "health_saturated_status": 200,
+    "health_stall_seconds": 10.0,
+    "timeout_note": True,
     "metrics_port": None,
     "metrics_host": "0.0.0.0",
     "tracing": False,
@@ -46,6 +48,7 @@ SETTINGS = {
     "ui": "never",
     "ui_path": "/poolwatch",
     "ui_token": None,
+    "server_connections_max": None,
 }
 
 EVENT_NAMES = [
