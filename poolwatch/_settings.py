@@ -69,6 +69,33 @@ class PoolWatchSettings(BaseSettings):
     ui_path: str = "/poolwatch"
     # Falls back to health_token: one secret for everything behind a bearer token.
     ui_token: SecretStr | None = None
+    # The connection limit of this pool's role and database on its server
+    # (poolwatch_server_connections_max): None reads it from the server, a number is used as given
+    # (a pooler's own limit, say), "off" (or 0) never reads it and reports none.
+    server_connections_max: int | Literal["off"] | None = None
+
+    @field_validator("server_connections_max", mode="before")
+    @classmethod
+    def _limit_from_text(cls, value: object) -> object:
+        # The environment gives strings: "120", "off" (and "0", the same as off).
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number of connections or 'off', not a bool")
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in {"", "none"}:
+                return None
+            if text in {"off", "0"}:
+                return "off"
+            if not text.isdecimal():
+                raise ValueError("must be a whole number of connections or 'off'")
+            value = int(text)
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("must be a whole number of connections or 'off'")
+            return "off" if value == 0 else value
+        if value is None or value == "off":
+            return value
+        raise ValueError("must be a whole number of connections or 'off'")
 
     @field_validator("metrics_path", "health_db_path", "health_live_path", mode="before")
     @classmethod
@@ -153,6 +180,7 @@ class SettingsKeywords(TypedDict, total=False):
     ui: Literal["never", "token", "always"]
     ui_path: str
     ui_token: str | SecretStr | None
+    server_connections_max: int | Literal["off"] | None
 
 
 def build_settings(overrides: Mapping[str, Any]) -> PoolWatchSettings:

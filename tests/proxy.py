@@ -8,12 +8,17 @@ It runs its own asyncio loop in a daemon thread, so sync and async tests share i
   (bytes are held, as a black-holed network would, not dropped).
 - ``cut``: every established connection is dropped now; afterwards new connections pass.
 
+Latency, beside any mode: ``set_latency(seconds)`` delays every chunk by that much in each
+direction (a round trip costs twice that), as a long link would: chunks keep their order and
+later ones are not held behind earlier ones' delay.
+
 Bounded: it stops by itself after ``lifetime`` seconds, and ``stop()`` closes every socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
@@ -41,10 +46,21 @@ class _Link:
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", lifetime: float = 120):
+    def __init__(
+        self,
+        upstream_port: int,
+        upstream_host: str = "127.0.0.1",
+        lifetime: float = 120,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+    ):
         self.upstream = (upstream_host, upstream_port)
+        # Where it listens: a free port by default. Another loopback address on the server's own
+        # port (127.x.y.z:5432) makes it a link rather than a proxy to whoever compares ports.
+        self.listen = listen
         self.lifetime = lifetime
         self.mode: Mode = "pass"
+        # Added one-way delay in seconds (set_latency).
+        self.latency = 0.0
         self.accepted = 0
         self.port = 0
         self._links: set[_Link] = set()
@@ -64,6 +80,12 @@ class FaultProxy:
 
     def set_mode(self, mode: Mode) -> None:
         self._call(self._set_mode, mode)
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every chunk by ``seconds`` in each direction from now on (0: none)."""
+        if seconds < 0:
+            raise ValueError("latency must be >= 0 seconds")
+        self._call(setattr, self, "latency", float(seconds))
 
     @property
     def open_clients(self) -> int:
@@ -104,7 +126,7 @@ class FaultProxy:
             self._stopped.set()
 
     async def _serve(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, *self.listen)
         self.port = self._server.sockets[0].getsockname()[1]
         self._done = asyncio.Event()
         self._ready.set()
@@ -181,6 +203,8 @@ class FaultProxy:
         writer: asyncio.StreamWriter,
         held: list[bytes],
     ) -> None:
+        # Chunks on their way under latency: (due time, bytes), oldest first.
+        delayed: collections.deque[tuple[float, bytes]] = collections.deque()
         try:
             while True:
                 data = await reader.read(65536)
@@ -188,6 +212,9 @@ class FaultProxy:
                     break
                 if self.mode == "stall":
                     held.append(data)
+                    continue
+                if self.latency > 0 or delayed:
+                    self._delay(writer, delayed, data)
                     continue
                 writer.write(data)
                 await writer.drain()
@@ -197,6 +224,23 @@ class FaultProxy:
             # One side closed: the whole link goes, as with a real TCP peer going away.
             self._links.discard(link)
             link.abort()
+
+    def _delay(
+        self, writer: asyncio.StreamWriter, delayed: collections.deque[tuple[float, bytes]], data: bytes
+    ) -> None:
+        loop = self._loop
+        delayed.append((loop.time() + self.latency, data))
+        if len(delayed) == 1:
+            loop.call_at(delayed[0][0], self._deliver, writer, delayed)
+
+    def _deliver(self, writer: asyncio.StreamWriter, delayed: collections.deque[tuple[float, bytes]]) -> None:
+        now = self._loop.time()
+        while delayed and delayed[0][0] <= now:
+            data = delayed.popleft()[1]
+            if not writer.is_closing():
+                writer.write(data)
+        if delayed:
+            self._loop.call_at(delayed[0][0], self._deliver, writer, delayed)
 
 
 @contextlib.contextmanager

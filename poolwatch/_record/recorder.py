@@ -51,7 +51,7 @@ from .events import (
     emit,
 )
 from .histogram import Histogram, HistogramCopy
-from .server import server_label
+from .server import role_tag, server_label
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -143,11 +143,20 @@ class PoolRecorder:
         self.dialect = str(getattr(engine.dialect, "name", None) or "unknown")
         self.driver = str(getattr(engine.dialect, "driver", None) or "unknown")
         self.server = server_label(engine.url)
-        # The server's connection limit, read on a connection the pool opened (see
-        # ``_serve.server_limit``): None until read, and for SQLite. ``server_limit_read_at``
-        # is the monotonic time of the last attempt, so it is refreshed rarely.
-        self.server_connections_max: int | None = None
+        # A keyed hash of the URL's user name (``_record.server.role_tag``): pools of one role on
+        # one server share it, so the fleet's capacity is summed per role, and it names nobody.
+        self.role = role_tag(engine.url)
+        # The connection limit of this pool's role and database on its server (see
+        # ``_serve.capacity``): the setting's number if given, else read from the server by
+        # ``ensure_read`` (None until read, behind a pooler, for SQLite, when unreadable, and when
+        # the setting is off). ``server_limit_read_at`` is the monotonic time of the last read that
+        # succeeded; ``server_limit_readable`` is False when the setting gave a number or "off".
+        configured_limit = settings.server_connections_max
+        self.server_connections_max: int | None = (
+            configured_limit if isinstance(configured_limit, int) else None
+        )
         self.server_limit_read_at: float | None = None
+        self.server_limit_readable = configured_limit is None
         # Re-entrant: the garbage collector may check a connection in on a thread that holds it.
         self.lock = threading.RLock()
         # Callers inside Pool.connect now = started - the wait histogram's count (every call that

@@ -84,8 +84,8 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_pending_requests", "gauge", "Callers waiting for a connection now.", POOL),
         _spec("poolwatch_oldest_checkout_age_seconds", "gauge", "Age of the longest-held checkout now (0 if none).", POOL),
         _spec("poolwatch_leaked_connections", "gauge", "Checkouts held longer than the leak threshold now.", POOL),
-        _spec("poolwatch_pool_info", "gauge", "What the pool is.", POOL, "dialect", "driver", "pool_class", "server"),
-        _spec("poolwatch_server_connections_max", "gauge", "The database server's connection limit available to clients.", POOL),
+        _spec("poolwatch_pool_info", "gauge", "What the pool is; role is a keyed hash of the user name.", POOL, "dialect", "driver", "pool_class", "server", "role"),
+        _spec("poolwatch_server_connections_max", "gauge", "The connection limit of this pool's role and database on its server (absent behind a pooler).", POOL),
         _spec("poolwatch_threadpool_threads", "gauge", "AnyIO worker-thread tokens in use (busy) / tasks waiting for one (waiting).", "state"),
         _spec("poolwatch_threadpool_capacity", "gauge", "Total tokens of AnyIO's default thread limiter."),
         _spec("poolwatch_checkouts_total", "counter", "Checkouts.", POOL),
@@ -168,7 +168,7 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
     add("poolwatch_oldest_checkout_age_seconds", pool, snap.live.oldest_age)
     add("poolwatch_leaked_connections", pool, snap.live.leaked)
     pool_class = type(recorder.pool).__name__ if recorder.pool is not None else "unknown"
-    add("poolwatch_pool_info", (name, recorder.dialect, recorder.driver, pool_class, recorder.server), 1)
+    add("poolwatch_pool_info", (name, recorder.dialect, recorder.driver, pool_class, recorder.server, recorder.role), 1)
     if recorder.server_connections_max is not None:
         add("poolwatch_server_connections_max", pool, recorder.server_connections_max)
     add("poolwatch_checkouts_total", pool, snap.checkouts)
