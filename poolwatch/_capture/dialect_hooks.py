@@ -10,7 +10,10 @@ creator calls to open a DBAPI connection (looked up on the dialect at each call)
 is a failed attempt to connect; an engine made with its own ``creator=`` bypasses it.
 
 Each statement's time is also added to its checkout's usage (``CheckoutEntry.usage``), found from
-the execution context's pool connection: held time minus that is the time held idle.
+the execution context's pool connection: held time minus that is the time held idle. So is the time
+of a statement that raised or was cancelled (a ``statement_timeout``, a cancelled task: the
+connection waited on the database all the same), and, for a statement on a server-side cursor, the
+time of its row fetches (``streamed_rows``), where such a query spends its time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from .._log import internal_errors
 from .._record.context import current_request, route_label
 from .._record.events import SlowQuery, emit
 from .._record.recorder import perf_counter
+from .driver_errors import driver_error_class
 from .sql import fingerprint, operation_cache, operation_of
+from .streamed_rows import time_fetches
 from .tracing import exemplar
 
 if TYPE_CHECKING:
@@ -54,7 +59,7 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
         try:
             original_execute(cursor, statement, parameters, context)
         except BaseException as error:
-            _query_failed(recorder, statement, error)
+            _query_failed(recorder, statement, error, perf_counter() - started, context)
             raise
         finished(statement, perf_counter() - started, context)
 
@@ -69,7 +74,7 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
             return original_connect(*cargs, **cparams)
         except Exception as error:
             # A cancelled caller (a BaseException) is not a failed attempt to connect.
-            _connect_failed(recorder, type(error).__name__)
+            _connect_failed(recorder, error)
             raise
 
     def do_ping(dbapi_connection: Any) -> bool:
@@ -128,6 +133,7 @@ class _StatementTimer:
                 if context is not None:
                     try:
                         connection_record = context._dbapi_connection._connection_record
+                        server_side = context._is_server_side
                     except AttributeError:  # a context that is not SQLAlchemy's default one
                         connection_record = None
                     entry = open_checkouts.get(connection_record)
@@ -135,6 +141,8 @@ class _StatementTimer:
                         usage = entry[7]
                         usage[0] += 1
                         usage[1] += elapsed
+                        if server_side:  # the query runs as its rows are fetched
+                            time_fetches(context, usage)
                 if tracing:
                     found = exemplar(elapsed)
                     if found is not None:
@@ -149,7 +157,7 @@ class _StatementTimer:
             try:
                 result = call(*args)
             except BaseException as error:
-                _query_failed(recorder, statement, error)
+                _query_failed(recorder, statement, error, perf_counter() - started, context)
                 raise
             finished(statement, perf_counter() - started, context)
             return result
@@ -158,19 +166,34 @@ class _StatementTimer:
         self.around = around
 
 
-def _query_failed(recorder: PoolRecorder, statement: str, error: BaseException) -> None:
+def _query_failed(
+    recorder: PoolRecorder, statement: str, error: BaseException, elapsed: float, context: Any
+) -> None:
+    """A statement that raised or was cancelled: counted, and its time added to its checkout's
+    usage, since the connection waited on the database for it as for any other."""
     try:
         request = current_request.get()
         if request is not None:
             request.queries += 1
+        if context is not None:
+            try:
+                connection_record = context._dbapi_connection._connection_record
+            except AttributeError:  # a context that is not SQLAlchemy's default one
+                connection_record = None
+            entry = recorder.open_checkouts.get(connection_record)
+            if entry is not None:
+                usage = entry[7]
+                usage[0] += 1
+                usage[1] += elapsed
         recorder.query_failed(operation_of(statement), type(error).__name__)
     except Exception as failure:
         internal_errors.record("query_failed", failure)
 
 
-def _connect_failed(recorder: PoolRecorder, error: str) -> None:
+def _connect_failed(recorder: PoolRecorder, error: Exception) -> None:
     try:
-        recorder.connect_failed(error)
+        # The driver's own class (asyncpg's InvalidCatalogNameError), not an adapter's Error.
+        recorder.connect_failed(driver_error_class(error))
     except Exception as failure:
         internal_errors.record("connect_failed", failure)
 

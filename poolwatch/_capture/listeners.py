@@ -13,18 +13,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 
 from .._log import swallowing
+from .driver_errors import driver_error_class
 from .pool_hooks import watched_by
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from .._record.recorder import PoolRecorder
-
-# Exception class names that say only "the driver failed"; the cause underneath says how.
-_GENERIC = frozenset({"Error", "DatabaseError", "InterfaceError", "OperationalError", "DBAPIError"})
 
 
 class EngineListeners:
@@ -40,7 +37,7 @@ class EngineListeners:
         @swallowing("invalidate")
         def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
             if watched_by(record, recorder):
-                reason = "explicit" if exception is None else invalidation_reason(exception)
+                reason = "explicit" if exception is None else driver_error_class(exception)
                 recorder.invalidated(recorder.invalidation_reason_for(dbapi_connection, reason))
 
         @swallowing("soft_invalidate")
@@ -70,24 +67,3 @@ class EngineListeners:
             if event.contains(engine, name, function):
                 event.remove(engine, name, function)
         self._registered.clear()
-
-
-def invalidation_reason(exception: BaseException) -> str:
-    """The most specific class name available for why a connection was invalidated.
-
-    SQLAlchemy wraps the driver's exception (``DBAPIError.orig``), and async adapters wrap it again
-    in generic classes such as asyncpg's adapted ``Error``; the driver's own class underneath
-    (``ConnectionDoesNotExistError``) is what an operator can act on.
-    """
-    current: BaseException = exception
-    for _ in range(4):  # a short chain: a cycle or a deep one is not worth following
-        if isinstance(current, sa_exc.DBAPIError) and current.orig is not None:
-            inner: BaseException | None = current.orig
-        elif type(current).__name__ in _GENERIC:
-            inner = current.__cause__ or current.__context__
-        else:
-            break
-        if inner is None:
-            break
-        current = inner
-    return type(current).__name__

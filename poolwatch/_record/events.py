@@ -39,7 +39,8 @@ class LeakDetected:
     site: str  # file:line of the application code that took the connection
     function: str
     stack: str | None = None  # the whole borrow stack, with leak_capture_stack
-    # Of seconds_held, the time spent inside statements so far: held while idle is the difference.
+    # Of seconds_held, the time spent waiting on the database so far (statements, failed ones too,
+    # and row fetches on server-side cursors): held while idle is the difference.
     seconds_in_statements: float = 0.0
     statements: int = 0
 
@@ -84,8 +85,10 @@ class LeakReturned:
 
 @dataclass(frozen=True, slots=True)
 class HeldIdle:
-    """One checkout held its connection while running no statement for longer than
-    ``held_idle_seconds``: an awaited HTTP call, a sleep or template rendering inside a session."""
+    """One checkout held its connection without waiting on the database (no statement running, no
+    rows being fetched from a server-side cursor, failed and cancelled statements included) for
+    longer than ``held_idle_seconds``: an awaited HTTP call, a sleep or template rendering inside a
+    session, or work done between the rows of a stream."""
 
     name: ClassVar[str] = "poolwatch.held_idle"
     level: ClassVar[Level] = "warning"
@@ -94,7 +97,7 @@ class HeldIdle:
     route: str
     method: str
     seconds_held: float
-    seconds_idle: float  # seconds_held minus the time inside statements
+    seconds_idle: float  # seconds_held minus the time waiting on the database
     threshold_seconds: float
     statements: int
     site: str
