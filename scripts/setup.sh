@@ -2,8 +2,9 @@
 # Make this checkout ready: a virtualenv (.venv) with poolwatch installed in editable mode.
 #
 #   bash scripts/setup.sh demo   # the demo's extra only; installs no system package
-#   bash scripts/setup.sh test   # the dev extra (the whole tool chain), plus the Debian package the
-#                                # tests use, and says so before installing it
+#   bash scripts/setup.sh test   # the dev extra (the whole tool chain), plus the Debian packages the
+#                                # tests use (prometheus, pgbouncer, chromium), and says so before
+#                                # installing each
 #
 # Safe to run again, and cheap: pip runs only when pyproject.toml changed since the last install of
 # that extra (a stamp in .venv keyed on the file's hash). It never stops a service or a process.
@@ -30,6 +31,20 @@ if [ "$purpose" = test ]; then
     else
       echo "setup: the tests need Debian's prometheus package (promtool, prometheus) and it is missing;" \
         "install it with: apt-get install --no-install-recommends prometheus" >&2
+    fi
+  fi
+  # Debian's `pgbouncer`: tests/test_capacity.py starts one on a free port of its own, as the
+  # unprivileged `postgres` user, in front of the test server, to check that poolwatch claims no
+  # server limit through a pooler. Debian may enable a pgbouncer service when installing it; the
+  # tests never start, stop or use that one.
+  if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing the Debian package the tests need: pgbouncer (pooler detection tests)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null
+    else
+      echo "setup: the pooler tests need Debian's pgbouncer package and it is missing;" \
+        "install it with: apt-get install --no-install-recommends pgbouncer" >&2
     fi
   fi
   # Debian's `chromium` and `chromium-driver` (the matching chromedriver): tests/test_live_page.py
