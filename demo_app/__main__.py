@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import uvicorn
 
 DEFAULT_PORT = 8000
+# Ctrl-C waits at most this long for requests in flight (a deliberate 30 s hold, a leak's
+# background task) before cancelling them: a demo stops in seconds, not half a minute.
+SHUTDOWN_GRACE_SECONDS = 2
 
 
 def port_number(text: str) -> int:
@@ -51,10 +55,31 @@ def show_poolwatch_events() -> None:
     events.propagate = False
 
 
+def where_to_look(host: str, port: int) -> str:
+    """What a newcomer opens first, printed before the server starts."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    lines = [
+        "poolwatch demo",
+        f"  API and its docs   {base}/docs",
+        f"  live pool page     {base}/poolwatch",
+        f"  Prometheus metrics {base}/metrics",
+        f"  health             {base}/health/db  {base}/health/live",
+        f"  some load          python -m demo_app.load --url {base}",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
     show_poolwatch_events()
-    uvicorn.run("demo_app.main:app", host=args.host, port=args.port)
+    print(where_to_look(args.host, args.port), file=sys.stderr, flush=True)
+    uvicorn.run(
+        "demo_app.main:app",
+        host=args.host,
+        port=args.port,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+    )
 
 
 if __name__ == "__main__":

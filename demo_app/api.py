@@ -1,22 +1,32 @@
-"""Users and posts: create, read, list with pagination, update, delete."""
+"""Users and posts: create, read, list with pagination, update, delete.
+
+Every answer to a client's mistake or to a lost race is a 4xx: ids beyond the id column's range are
+refused (422), a row deleted by another request is 404, a taken e-mail is 409 (see errors.py).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from sqlalchemy import Result, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .db import get_session
+from .errors import client_errors
 from .models import Post, User
 from .schemas import Page, PostCreate, PostOut, PostUpdate, UserCreate, UserOut, UserUpdate
+
+# The id columns are INTEGER: PostgreSQL refuses a larger parameter with a DataError, SQLite's
+# driver with an OverflowError. Refused here instead, as the client's mistake.
+MAX_ID = 2**31 - 1
 
 router = APIRouter()
 Session = Annotated[AsyncSession, Depends(get_session)]
 Limit = Annotated[int, Query(ge=1, le=100)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
+UserId = Annotated[int, Path(ge=1, le=MAX_ID)]
+PostId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 async def _user_or_404(session: AsyncSession, user_id: int) -> User:
@@ -26,14 +36,9 @@ async def _user_or_404(session: AsyncSession, user_id: int) -> User:
     return user
 
 
-async def _save_user(session: AsyncSession, user: User) -> User:
-    """Flush and reload a user; a taken e-mail is the client's conflict, not a server error."""
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
-    await session.refresh(user)
-    return user
+def _rowcount(result: Result[Any]) -> int:
+    count: int = getattr(result, "rowcount", 0)
+    return count
 
 
 async def _post_or_404(session: AsyncSession, user_id: int, post_id: int) -> Post:
@@ -47,7 +52,9 @@ async def _post_or_404(session: AsyncSession, user_id: int, post_id: int) -> Pos
 async def create_user(body: UserCreate, session: Session) -> User:
     user = User(email=body.email, name=body.name)
     session.add(user)
-    return await _save_user(session, user)
+    async with client_errors("user not found"):
+        await session.flush()
+    return user
 
 
 @router.get("/users", response_model=Page[UserOut])
@@ -58,38 +65,43 @@ async def list_users(session: Session, limit: Limit = 20, offset: Offset = 0) ->
 
 
 @router.get("/users/{user_id}", response_model=UserOut)
-async def read_user(user_id: int, session: Session) -> User:
+async def read_user(user_id: UserId, session: Session) -> User:
     return await _user_or_404(session, user_id)
 
 
 @router.patch("/users/{user_id}", response_model=UserOut)
-async def update_user(user_id: int, body: UserUpdate, session: Session) -> User:
+async def update_user(user_id: UserId, body: UserUpdate, session: Session) -> User:
     user = await _user_or_404(session, user_id)
     for field, value in body.model_dump(exclude_unset=True).items():
         setattr(user, field, value)
-    return await _save_user(session, user)
+    async with client_errors("user not found"):
+        await session.flush()
+    return user
 
 
 @router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_user(user_id: int, session: Session) -> Response:
-    user = await _user_or_404(session, user_id)
-    await session.delete(user)
+async def delete_user(user_id: UserId, session: Session) -> Response:
+    # One statement, its row count the answer: of two requests deleting the same user, one gets
+    # 204 and the other 404. The database deletes the user's posts with it (ON DELETE CASCADE).
+    result = await session.execute(delete(User).where(User.id == user_id))
+    if _rowcount(result) == 0:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "user not found")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/users/{user_id}/posts", status_code=status.HTTP_201_CREATED, response_model=PostOut)
-async def create_post(user_id: int, body: PostCreate, session: Session) -> Post:
+async def create_post(user_id: UserId, body: PostCreate, session: Session) -> Post:
     await _user_or_404(session, user_id)
     post = Post(author_id=user_id, title=body.title, body=body.body)
     session.add(post)
-    await session.flush()
-    await session.refresh(post)
+    async with client_errors("user not found"):
+        await session.flush()
     return post
 
 
 @router.get("/users/{user_id}/posts", response_model=Page[PostOut])
 async def list_posts(
-    user_id: int, session: Session, limit: Limit = 20, offset: Offset = 0
+    user_id: UserId, session: Session, limit: Limit = 20, offset: Offset = 0
 ) -> dict[str, object]:
     await _user_or_404(session, user_id)
     where = Post.author_id == user_id
@@ -99,22 +111,23 @@ async def list_posts(
 
 
 @router.get("/users/{user_id}/posts/{post_id}", response_model=PostOut)
-async def read_post(user_id: int, post_id: int, session: Session) -> Post:
+async def read_post(user_id: UserId, post_id: PostId, session: Session) -> Post:
     return await _post_or_404(session, user_id, post_id)
 
 
 @router.patch("/users/{user_id}/posts/{post_id}", response_model=PostOut)
-async def update_post(user_id: int, post_id: int, body: PostUpdate, session: Session) -> Post:
+async def update_post(user_id: UserId, post_id: PostId, body: PostUpdate, session: Session) -> Post:
     post = await _post_or_404(session, user_id, post_id)
     for field, value in body.model_dump(exclude_unset=True).items():
         setattr(post, field, value)
-    await session.flush()
-    await session.refresh(post)
+    async with client_errors("post not found"):
+        await session.flush()
     return post
 
 
 @router.delete("/users/{user_id}/posts/{post_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_post(user_id: int, post_id: int, session: Session) -> Response:
-    post = await _post_or_404(session, user_id, post_id)
-    await session.delete(post)
+async def delete_post(user_id: UserId, post_id: PostId, session: Session) -> Response:
+    statement = delete(Post).where(Post.id == post_id, Post.author_id == user_id)
+    if _rowcount(await session.execute(statement)) == 0:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "post not found")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -69,6 +69,8 @@ class Stats:
     statuses: Counter[str] = field(default_factory=Counter)
     actions: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    # 5xx answers by action, the readiness probe's 503 (a verdict, not an error) left out.
+    server_errors: Counter[str] = field(default_factory=Counter)
     requests: int = 0
 
     def record(self, action: str, status: int | None, error: str | None = None) -> None:
@@ -79,6 +81,8 @@ class Stats:
             self.statuses["failed"] += 1
         else:
             self.statuses[f"{status // 100}xx"] += 1
+            if status >= 500 and action != "readiness probe":
+                self.server_errors[action] += 1
 
 
 Action = Callable[[httpx.AsyncClient, State], Awaitable[int | None]]
@@ -221,6 +225,54 @@ NORMAL: dict[str, tuple[Action, float]] = {
 }
 
 
+async def race_update_user(client: httpx.AsyncClient, state: State) -> int | None:
+    """Rename a user, or give them another user's address (409): while others may delete them."""
+    user = state.user()
+    if user is None:
+        return await create_user(client, state)
+    body: dict[str, str] = {"name": f"renamed {state.rng.randint(1, 10_000)}"}
+    if state.emails and state.rng.random() < 0.3:
+        body["email"] = state.rng.choice(state.emails)
+    return (await client.patch(f"/users/{user}", json=body)).status_code
+
+
+async def race_delete_user(client: httpx.AsyncClient, state: State) -> int | None:
+    """Delete a user that stays known until the answer: other workers keep writing to it meanwhile."""
+    user = state.user()
+    if user is None or len(state.users) < 5:
+        return await create_user(client, state)
+    status = (await client.delete(f"/users/{user}")).status_code
+    if user in state.users:
+        state.users.remove(user)
+    state.posts = [p for p in state.posts if p[0] != user]
+    return status
+
+
+async def race_delete_post(client: httpx.AsyncClient, state: State) -> int | None:
+    post = state.post()
+    if post is None or len(state.posts) < 5:
+        return await create_post(client, state)
+    status = (await client.delete(f"/users/{post[0]}/posts/{post[1]}")).status_code
+    if post in state.posts:
+        state.posts.remove(post)
+    return status
+
+
+# Few rows, written and deleted by every worker at once: PATCH racing DELETE, DELETE racing DELETE,
+# a post created for a user being deleted, two users given one address. Each must end in 404 or 409.
+RACES: dict[str, tuple[Action, float]] = {
+    "create user": (create_user, 6),
+    "update user": (race_update_user, 10),
+    "delete user": (race_delete_user, 6),
+    "create post": (create_post, 10),
+    "update post": (update_post, 10),
+    "delete post": (race_delete_post, 6),
+    "read post": (read_post, 4),
+}
+
+MIXES: dict[str, dict[str, tuple[Action, float]]] = {"default": NORMAL, "races": RACES}
+
+
 @dataclass
 class Plan:
     duration: float
@@ -228,16 +280,18 @@ class Plan:
     max_requests: int
     misbehave_ratio: float
     seed: int | None
+    mix: str = "default"
 
 
-def _pick(state: State, misbehave_ratio: float) -> tuple[str, Action]:
+def _pick(state: State, misbehave_ratio: float, mix: str = "default") -> tuple[str, Action]:
     if state.misbehave_available and state.rng.random() < misbehave_ratio:
         name = state.rng.choice(list(MISBEHAVING))
         return name, MISBEHAVING[name]
-    names = list(NORMAL)
-    weights = [NORMAL[n][1] for n in names]
+    actions = MIXES[mix]
+    names = list(actions)
+    weights = [actions[n][1] for n in names]
     name = state.rng.choices(names, weights)[0]
-    return name, NORMAL[name][0]
+    return name, actions[name][0]
 
 
 async def run(url: str, plan: Plan, console: Console, show_progress: bool = True) -> Stats:
@@ -262,7 +316,7 @@ async def run(url: str, plan: Plan, console: Console, show_progress: bool = True
 
     async def worker(client: httpx.AsyncClient) -> None:
         while time.monotonic() < deadline and stats.requests < plan.max_requests:
-            name, action = opening.pop() if opening else _pick(state, plan.misbehave_ratio)
+            name, action = opening.pop() if opening else _pick(state, plan.misbehave_ratio, plan.mix)
             remaining = deadline - time.monotonic()
             try:
                 await asyncio.wait_for(one(client, name, action), timeout=max(remaining, 0.1))
@@ -330,6 +384,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of requests sent to /misbehave/* (0 turns them off, opening tour included)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable runs")
+    parser.add_argument(
+        "--mix",
+        choices=sorted(MIXES),
+        default="default",
+        help="default: a read-mostly API; races: every worker writes and deletes the same few rows",
+    )
+    parser.add_argument(
+        "--fail-on-server-error",
+        action="store_true",
+        help="exit 1 if any answer but the readiness probe's was a 5xx",
+    )
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, summary only")
     args = parser.parse_args(argv)
@@ -357,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         max_requests=args.max_requests,
         misbehave_ratio=args.misbehave_ratio,
         seed=args.seed,
+        mix=args.mix,
     )
     started = time.monotonic()
     stats = asyncio.run(run(args.url.rstrip("/"), plan, console, show_progress=not args.quiet))
@@ -365,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     if answered == 0:
         console.print(f"[red]no request to {args.url} got an answer[/]")
         return 1
+    if stats.server_errors:
+        console.print(f"[red]server errors by action: {dict(stats.server_errors)}[/]")
+        if args.fail_on_server_error:
+            return 1
     return 0
 
 

@@ -26,9 +26,21 @@ from .models import Post, User
 router = APIRouter(tags=["misbehave"])
 Session = Annotated[AsyncSession, Depends(get_session)]
 
-MAX_SLOW_QUERY_SECONDS = 10.0
-MAX_HOLD_SECONDS = 30.0
-MAX_LEAK_SECONDS = 120.0
+
+def _cap(seconds: float) -> float:
+    """A ceiling on a deliberate wait. DEMO_MAX_SLEEP_SECONDS lowers every ceiling at once: the API
+    fuzzer (tests/test_demo_fuzz.py) runs the demo with it, so that trying each endpoint's largest
+    value costs a fraction of a second instead of half a minute."""
+    try:
+        limit = float(os.environ.get("DEMO_MAX_SLEEP_SECONDS", "inf"))
+    except ValueError:
+        limit = float("inf")
+    return min(seconds, limit) if limit > 0 else seconds
+
+
+MAX_SLOW_QUERY_SECONDS = _cap(10.0)
+MAX_HOLD_SECONDS = _cap(30.0)
+MAX_LEAK_SECONDS = _cap(120.0)
 MAX_N_PLUS_ONE = 50
 # At most this many connections are held on purpose at once, so a load generator (or a curious
 # human with a loop) cannot turn the demo into a permanent outage.
@@ -52,16 +64,13 @@ def _refuse_if_busy(holds: asyncio.Semaphore) -> None:
         )
 
 
-def _leak_threshold() -> float:
-    """poolwatch's leak threshold as the demo process sees it (the same env variable)."""
-    try:
-        return max(0.0, float(os.environ.get("POOLWATCH_LEAK_THRESHOLD_SECONDS", "30")))
-    except ValueError:
-        return 30.0
+def _leak_threshold(request: Request) -> float:
+    """poolwatch's leak threshold for this app (main.py notes it at start-up)."""
+    threshold: float = getattr(request.app.state, "leak_threshold_seconds", 30.0)
+    return threshold
 
 
-def _default_leak_seconds() -> float:
-    threshold = _leak_threshold()
+def _default_leak_seconds(threshold: float) -> float:
     # Long enough to cross the threshold and be swept; leak detection off means any short hold.
     return min(MAX_LEAK_SECONDS, threshold + 1.5) if threshold > 0 else 5.0
 
@@ -69,10 +78,6 @@ def _default_leak_seconds() -> float:
 def _engine(request: Request) -> AsyncEngine:
     engine: AsyncEngine = request.app.state.engine
     return engine
-
-
-def _is_postgresql(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "postgresql"
 
 
 @asynccontextmanager
@@ -84,13 +89,9 @@ async def _hold_slot(request: Request) -> AsyncIterator[None]:
         yield
 
 
-async def _sleep_query(session_or_conn: Any, engine: AsyncEngine, seconds: float) -> None:
-    """A statement that takes `seconds` on the server (pg_sleep), not in Python."""
-    if not _is_postgresql(engine):
-        raise HTTPException(
-            status.HTTP_501_NOT_IMPLEMENTED,
-            "slow queries need PostgreSQL (pg_sleep); set DATABASE_URL=postgresql://...",
-        )
+async def _sleep_query(session_or_conn: Any, seconds: float) -> None:
+    """A statement that takes `seconds` in the database: PostgreSQL's pg_sleep, or on SQLite the
+    function of that name that db.py gives each connection (it sleeps in the driver's thread)."""
     await session_or_conn.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
 
 
@@ -98,10 +99,10 @@ async def _sleep_query(session_or_conn: Any, engine: AsyncEngine, seconds: float
 async def slow_query(
     request: Request,
     session: Session,
-    seconds: Annotated[float, Query(ge=0, le=MAX_SLOW_QUERY_SECONDS)] = 1.5,
+    seconds: Annotated[float, Query(ge=0, le=MAX_SLOW_QUERY_SECONDS)] = min(1.5, MAX_SLOW_QUERY_SECONDS),
 ) -> dict[str, object]:
     """One statement slower than poolwatch's slow-query threshold (1 s by default)."""
-    await _sleep_query(session, _engine(request), seconds)
+    await _sleep_query(session, seconds)
     return {"slept_seconds": seconds}
 
 
@@ -122,7 +123,7 @@ async def n_plus_one(
 
 @router.get("/hold")
 async def hold(
-    request: Request, seconds: Annotated[float, Query(ge=0, le=MAX_HOLD_SECONDS)] = 3.0
+    request: Request, seconds: Annotated[float, Query(ge=0, le=MAX_HOLD_SECONDS)] = min(3.0, MAX_HOLD_SECONDS)
 ) -> dict[str, object]:
     """A handler that keeps its connection while it waits on something else (here: a sleep)."""
     async with _hold_slot(request), _engine(request).connect() as connection:
@@ -150,26 +151,27 @@ async def leak(
     """
     holds = _holds(request)
     _refuse_if_busy(holds)
-    hold_for = _default_leak_seconds() if seconds is None else seconds
+    threshold = _leak_threshold(request)
+    hold_for = _default_leak_seconds(threshold) if seconds is None else seconds
     background.add_task(_hold_in_background, _engine(request), holds, hold_for)
-    return {"holding_seconds": hold_for, "leak_threshold_seconds": _leak_threshold()}
+    return {"holding_seconds": hold_for, "leak_threshold_seconds": threshold}
 
 
 async def _expect_db_error(
     engine: AsyncEngine, work: Callable[[Any], Awaitable[object]]
 ) -> dict[str, object]:
+    """Run work that must fail in the database, and report how. The failure is the point of the
+    endpoint, so it answers 200 with what happened: poolwatch counted it, the client did nothing
+    wrong and the demo did what it was asked."""
     async with engine.connect() as connection:
         try:
             await work(connection)
         except DBAPIError as error:
-            raise HTTPException(
-                status.HTTP_500_INTERNAL_SERVER_ERROR,
-                {
-                    "error": type(error.orig).__name__,
-                    "connection_invalidated": error.connection_invalidated,
-                },
-            ) from None
-    raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "the broken query succeeded")
+            return {
+                "error": type(error.orig).__name__,
+                "connection_invalidated": error.connection_invalidated,
+            }
+    raise RuntimeError("the statement that must fail succeeded")  # a bug of the demo: a 500
 
 
 @router.get("/query-error")
@@ -182,26 +184,31 @@ async def query_error(request: Request) -> dict[str, object]:
     return await _expect_db_error(_engine(request), work)
 
 
-@router.get("/dead-connection")
 async def dead_connection(request: Request) -> dict[str, object]:
-    """The server ends our own backend mid-request: the pool invalidates that connection."""
-    engine = _engine(request)
-    if not _is_postgresql(engine):
-        raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, "needs PostgreSQL (pg_terminate_backend)")
+    """The server ends our own backend mid-request: the pool invalidates that connection.
+    PostgreSQL only (pg_terminate_backend): routed by ``postgresql_only`` below."""
 
     async def work(connection: Any) -> object:
         await connection.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
         # Some drivers only notice on the next round trip.
         return await connection.execute(text("SELECT 1"))
 
-    return await _expect_db_error(engine, work)
+    return await _expect_db_error(_engine(request), work)
 
 
-MAX_SYNC_WORK_SECONDS = 2.0
+# Endpoints that need a PostgreSQL server: main.py includes this router only on PostgreSQL, so
+# on SQLite they are absent from the API (404), not a server error.
+postgresql_only = APIRouter(tags=["misbehave"])
+postgresql_only.add_api_route("/dead-connection", dead_connection, methods=["GET"])
+
+
+MAX_SYNC_WORK_SECONDS = _cap(2.0)
 
 
 @router.get("/sync-work")
-def sync_work(seconds: Annotated[float, Query(ge=0, le=MAX_SYNC_WORK_SECONDS)] = 0.2) -> dict[str, object]:
+def sync_work(
+    seconds: Annotated[float, Query(ge=0, le=MAX_SYNC_WORK_SECONDS)] = min(0.2, MAX_SYNC_WORK_SECONDS),
+) -> dict[str, object]:
     """A sync endpoint: FastAPI runs it in one of AnyIO's worker threads, which it holds while it
     blocks (here: a sleep standing in for a blocking client library). The threadpool panels
     (poolwatch_threadpool_threads) show the threads it keeps busy."""

@@ -23,8 +23,10 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True, index=True)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # The database deletes a user's posts (ON DELETE CASCADE), in the same statement as the user:
+    # nothing to race with a request that deletes one of those posts at the same time.
     posts: Mapped[list[Post]] = relationship(
-        back_populates="author", cascade="all, delete-orphan", lazy="raise"
+        back_populates="author", cascade="all, delete-orphan", lazy="raise", passive_deletes=True
     )
 
 
