@@ -128,7 +128,7 @@ def test_races_under_the_load_generator_end_in_404_or_409(database_url: str, tmp
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    settings = DemoSettings(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}")
+    settings = DemoSettings(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}")  # type: ignore[call-arg]
     with TestClient(create_app(settings, CollectorRegistry())) as client:
         yield client
 
