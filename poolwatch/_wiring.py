@@ -25,6 +25,7 @@ from ._capture.engines import EngineLike, Engines, collect_engines, root_engine,
 from ._capture.listeners import EngineListeners
 from ._capture.pool_hooks import hook_pool, recorder_of, unhook_pool
 from ._log import logger
+from ._record.events import remember_application_root
 from ._record.leaks import sweeper
 from ._record.recorder import PoolRecorder
 from ._record.requests import RequestStats
@@ -175,6 +176,8 @@ class PoolWatch:
 
             require_tracing()
         warn_if_multiworker(self.settings)
+        # Code sites (events, the live page) are shown relative to where the application runs from.
+        remember_application_root()
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
         self._engines: list[Engine] = []
         self._closed = False

@@ -197,7 +197,8 @@ def test_a_leaked_connection_appears_with_its_route_and_site(demo: Demo, browser
     _, first_line = inspect.getsourcelines(misbehave._hold_in_background)
     source = inspect.getsource(misbehave._hold_in_background).splitlines()
     offset = next(i for i, line in enumerate(source) if "engine.connect()" in line)
-    expected_site = f"{Path(misbehave.__file__).resolve()}:{first_line + offset}"
+    # Relative to the demo's working directory, the repository (its root as poolwatch sees it).
+    expected_site = f"{Path(misbehave.__file__).resolve().relative_to(ROOT)}:{first_line + offset}"
 
     def leaked_row(driver: WebDriver) -> dict[str, str] | None:
         for row in _connection_rows(driver):

@@ -13,6 +13,8 @@ Configuration notices (a misspelt setting, a taken path) are not pool facts and 
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -341,11 +343,56 @@ def emit(event: Event) -> None:
 
 
 def describe_site(site: tuple[CodeType, int] | None) -> tuple[str, str]:
-    """(``file:line``, function) of a site kept as (code, instruction offset)."""
+    """(``file:line``, function) of a site kept as (code, instruction offset); the file as
+    :func:`shown_path` gives it."""
     if site is None:
         return "<unknown>", "<unknown>"
     code, offset = site
-    return f"{code.co_filename}:{line_of(code, offset)}", code.co_qualname
+    return f"{shown_path(code.co_filename)}:{line_of(code, offset)}", code.co_qualname
+
+
+# The application's root: a site under it is shown relative to it (``demo_app/api.py:23``, not
+# ``/srv/app/demo_app/api.py:23``), as pytest shows paths relative to its rootdir. It is the working
+# directory when poolwatch first watched an engine (``uvicorn app:app`` and pytest run from the
+# project), else when a site was first described. None: not known yet; "": none (the filesystem's
+# root, where a daemon may have gone, makes nothing shorter).
+_application_root: str | None = None
+
+
+def remember_application_root() -> None:
+    """Take the working directory as the application's root, unless one is known already."""
+    if _application_root is None:
+        try:
+            directory = os.getcwd()
+        except OSError:  # the working directory was removed
+            directory = ""
+        set_application_root(directory)
+
+
+def set_application_root(directory: str | None) -> None:
+    global _application_root
+    root = os.path.realpath(directory) if directory else ""
+    _application_root = "" if root in ("", os.sep) else root.rstrip(os.sep) + os.sep
+    shown_path.cache_clear()
+
+
+@functools.lru_cache(maxsize=4096)
+def shown_path(filename: str) -> str:
+    """A source file as a person reads it: an installed package's file from its package
+    (``sqlalchemy/orm/session.py``), the application's relative to its root, anything else whole."""
+    for packages in ("site-packages", "dist-packages"):
+        _, marker, inside = filename.rpartition(os.sep + packages + os.sep)
+        if marker:
+            return inside
+    if _application_root is None:
+        remember_application_root()
+    root = _application_root
+    if not root or filename.startswith("<"):  # generated code: <string>, <frozen ...>
+        return filename
+    if filename.startswith(root):
+        return filename[len(root) :]
+    real = os.path.realpath(filename)  # a symlinked checkout: the root is a real path
+    return real[len(root) :] if real.startswith(root) else filename
 
 
 def line_of(code: CodeType, offset: int) -> int | None:

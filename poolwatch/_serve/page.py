@@ -1,10 +1,15 @@
 """The live page: ``<ui_path>`` serves one self-contained HTML file, ``<ui_path>/state`` its JSON.
 
+``<ui_path>/`` serves the page too (a typed or bookmarked address often ends in a slash), unless the
+application routes it itself.
+
 ``POOLWATCH_UI`` decides who may see them: ``never`` (not served: the paths reach the application),
 ``always``, or ``token``: a bearer token (``POOLWATCH_UI_TOKEN``, else ``POOLWATCH_HEALTH_TOKEN``)
 in an ``Authorization: Bearer`` header, in a ``?token=`` query parameter (what a browser can type),
 or in the ``poolwatch_token`` cookie that a page opened with ``?token=`` sets for its own path, so
-the page's JSON requests carry it. Tokens are compared with ``hmac.compare_digest``.
+the page's JSON requests carry it. The whole token is compared, with ``hmac.compare_digest``. The
+query parameter is read as a person types it: ``+`` is a plus sign (``openssl rand -base64`` tokens
+have them), not a space as in an HTML form's encoding; percent-escapes such as ``%2B`` are decoded.
 
 The HTML holds no data: the page's script fetches the JSON and builds the DOM with ``textContent``,
 so a route template such as ``/<script>`` shows as text. A Content-Security-Policy allows exactly
@@ -17,10 +22,11 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import quote, unquote_to_bytes
 
 from .._log import internal_errors
 from .http import READ_METHODS, Receive, Rendered, Scope, Send, asgi_response, header, method_not_allowed
@@ -28,6 +34,8 @@ from .state import StateBuilder
 
 if TYPE_CHECKING:
     from .watched import Watched
+
+Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 COOKIE = "poolwatch_token"
 STATE_SUFFIX = "/state"
@@ -53,6 +61,12 @@ class LivePage:
     def paths(self) -> tuple[str, str]:
         path = self.watch.settings.ui_path
         return path, path + STATE_SUFFIX
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        """Every path the live page answers, to its endpoint: the page (with and without a
+        trailing slash) and its JSON."""
+        page, state = self.paths
+        return {page: self.page, page + "/": self.page, state: self.state}
 
     # -- rendered from plain inputs -----------------------------------------------------------
 
@@ -85,8 +99,8 @@ class LivePage:
         ]
         if query_token is not None and self.watch.settings.ui == "token":
             cookie_value = (
-                f"{COOKIE}={quote(query_token, safe='')}; Path={quote(cookie_path)}; "
-                "HttpOnly; SameSite=Strict"
+                f"{COOKIE}={quote(query_token.encode('utf-8', 'surrogateescape'), safe='')}; "
+                f"Path={quote(cookie_path)}; HttpOnly; SameSite=Strict"
             )
             if secure:
                 cookie_value += "; Secure"
@@ -138,7 +152,7 @@ class LivePage:
             scope.get("query_string", b""),
             header(scope, "cookie"),
             cookie_path=scope.get("root_path", "") + self.watch.settings.ui_path,
-            secure=scope.get("scheme") == "https",
+            secure=_over_https(scope),
         )
         await asgi_response(rendered, method)(scope, receive, send)
 
@@ -159,11 +173,37 @@ def _bearer(authorization: str | None) -> str | None:
     return credentials.strip() or None
 
 
+def _over_https(scope: Scope) -> bool:
+    """Whether the browser talks https: to this server, or to a proxy in front of it that says so.
+
+    A proxy's word is taken without asking who sent it: it only adds ``Secure`` to the cookie, which
+    a client could ask for anyway, and a cookie without ``Secure`` over https must never be set.
+    """
+    if scope.get("scheme") in ("https", "wss"):
+        return True
+    forwarded_proto = header(scope, "x-forwarded-proto")
+    if forwarded_proto is not None and forwarded_proto.split(",")[0].strip().lower() == "https":
+        return True
+    forwarded = header(scope, "forwarded")
+    if forwarded is not None:
+        first = forwarded.split(",")[0]
+        for pair in first.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name.lower() == "proto" and value.strip('"').lower() == "https":
+                return True
+    return False
+
+
 def _query_token(query: bytes) -> str | None:
+    """The first non-empty ``token`` parameter, as typed: ``+`` stays a plus sign (RFC 3986; only
+    an HTML form's encoding makes it a space), percent-escapes are decoded."""
     if not query or len(query) > MAX_QUERY_BYTES:
         return None
-    values = parse_qs(query.decode("latin-1"), keep_blank_values=False).get("token")
-    return values[0] if values else None
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if unquote_to_bytes(name) == b"token" and value:
+            return unquote_to_bytes(value).decode("utf-8", "surrogateescape")
+    return None
 
 
 def _cookie_token(cookie: str | None) -> str | None:
@@ -172,7 +212,7 @@ def _cookie_token(cookie: str | None) -> str | None:
     for part in cookie.split(";"):
         name, _, value = part.strip().partition("=")
         if name == COOKIE and value:
-            return unquote(value)
+            return unquote_to_bytes(value).decode("utf-8", "surrogateescape")
     return None
 
 
@@ -183,6 +223,7 @@ def _unauthorized(which: str, ui_path: str) -> Rendered:
         return Rendered(json.dumps(body).encode("utf-8"), "application/json", headers, 401)
     text = (
         "401: the poolwatch live page needs its token (POOLWATCH_UI_TOKEN, else POOLWATCH_HEALTH_TOKEN).\n"
-        f"Open {ui_path}?token=<token> once in the browser, or send 'Authorization: Bearer <token>'.\n"
+        f"Open {ui_path}?token=<token> once in the browser, the token as it is ('+', '/' and '=' need no "
+        "escaping), or send 'Authorization: Bearer <token>'.\n"
     )
     return Rendered(text.encode("utf-8"), "text/plain; charset=utf-8", headers, 401)
