@@ -234,7 +234,8 @@ async def test_gc_reclaimed_sessions_are_counted_with_their_route(
     reclaimed = [e for e in events if e["event"] == "poolwatch.gc_reclaimed"]
     assert {e["route"] for e in reclaimed} == {"/drop/async", "/drop/sync"}
     for event in reclaimed:
-        assert event["site"].startswith(attribution_app.__file__), event
+        # The site may be shown relative to the application's root.
+        assert attribution_app.__file__.endswith(event["site"].rsplit(":", 1)[0]), event
         assert event["function"].endswith(("drop_async", "drop_sync"))
 
 

@@ -11,6 +11,8 @@ from collections.abc import MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
+from .._log import internal_errors
+
 NO_REQUEST = "<none>"
 UNMATCHED = "<unmatched>"
 # (route, method) of work outside any request.
@@ -27,10 +29,12 @@ METHODS = frozenset(
 class RequestContext:
     """One HTTP request. The route is resolved lazily: routing happens after the middleware runs."""
 
-    __slots__ = ("key", "method", "queries", "resolved_route", "response_started", "scope")
+    __slots__ = ("early_route", "key", "method", "queries", "resolved_route", "response_started", "scope")
 
     def __init__(self, scope: MutableMapping[str, Any]) -> None:
         self.scope = scope
+        # The route the app's routes match, asked for before the router chose one.
+        self.early_route: str | None = None
         self.queries = 0
         method = "WEBSOCKET" if scope.get("type") == "websocket" else scope.get("method")
         # Anything but a registered method is OTHER: clients cannot add series.
@@ -52,12 +56,20 @@ class RequestContext:
 
     @property
     def route(self) -> str:
-        """The route template, or ``<unmatched>``; stable once routing is done."""
+        """The route template, or ``<unmatched>``; stable once routing is done.
+
+        Asked before routing (work in the application's own middleware: an API-key lookup), it is
+        the route the app's routes match for this request, as the router will choose it; asked
+        after, the router's own choice.
+        """
         if self.resolved_route is not None:
             return self.resolved_route
         route = self.scope.get("route") or route_of_endpoint(self.scope)
         if route is None:
-            return UNMATCHED
+            early = self.early_route
+            if early is None:
+                early = self.early_route = route_by_matching(self.scope) or UNMATCHED
+            return early
         template = route_template(route, self.scope)
         self.resolved_route = template
         return template
@@ -68,6 +80,75 @@ current_request: ContextVar[RequestContext | None] = ContextVar("poolwatch_reque
 
 def route_label(context: RequestContext | None) -> str:
     return NO_REQUEST if context is None else context.route
+
+
+# The values of Starlette's Match enum: this module imports no web framework.
+_FULL, _PARTIAL = 2, 1
+
+
+def route_by_matching(scope: MutableMapping[str, Any]) -> str | None:
+    """The template of the route the app in ``scope`` would route this request to, found by asking
+    its routes (``route.matches(scope)``, as Starlette's router does: the first full match, else
+    the first partial one) before its router has run; None if none matches.
+
+    Matching runs on a copy of the scope, since FastAPI's routes write into it. It costs about what
+    the router's own matching costs, once per request, and only for a request whose route is asked
+    for before routing (or that no route matched).
+    """
+    router = scope.get("router") or getattr(scope.get("app"), "router", None)
+    routes = getattr(router, "routes", None)
+    if not routes:
+        return None
+    probe = dict(scope)
+    fastapi_scope = probe.get("fastapi")
+    if isinstance(fastapi_scope, dict):
+        probe["fastapi"] = dict(fastapi_scope)
+    try:
+        return _match(routes, probe, "", 0)
+    except Exception as error:  # a route whose matches() fails on a scope it was not meant for
+        internal_errors.record("route_match", error)
+        return None
+
+
+def _match(routes: Any, scope: MutableMapping[str, Any], prefix: str, depth: int) -> str | None:
+    if depth > 16:  # a pathological or cyclic mount tree
+        return None
+    partial = None
+    for route in routes:
+        matches = getattr(route, "matches", None)
+        if matches is None:
+            continue
+        match, child = matches(scope)
+        match = getattr(match, "value", match)
+        if match == _FULL:
+            return _matched_template(route, scope, child, prefix, depth)
+        if match == _PARTIAL and partial is None:
+            partial = (route, child)
+    if partial is not None:
+        return _matched_template(partial[0], scope, partial[1], prefix, depth)
+    return None
+
+
+def _matched_template(
+    route: Any, scope: MutableMapping[str, Any], child: Any, prefix: str, depth: int
+) -> str | None:
+    select = getattr(route, "_match", None)
+    if getattr(route, "include_context", None) is not None and callable(select):
+        # FastAPI's lazily included router: which of its routes, and the template with the
+        # prefix given at inclusion (the same context ``_fastapi_effective_path`` reads later).
+        _, child, inner, effective = select(scope)
+        if effective is not None:
+            starlette_route = getattr(effective, "starlette_route", None)
+            path = getattr(starlette_route, "path_format", None) or getattr(effective, "path_format", None)
+            return prefix + path if isinstance(path, str) else None
+        return None if inner is None else _matched_template(inner, scope, child, prefix, depth + 1)
+    children, is_mount = _children(route)
+    if children and is_mount:
+        merged = dict(scope)
+        merged.update(child)
+        return _match(children, merged, prefix + (getattr(route, "path", "") or ""), depth + 1)
+    path = getattr(route, "path_format", None)
+    return prefix + path if isinstance(path, str) else None
 
 
 # id(route) -> (route, mount prefix). Keeping the route object alive makes the id safe to reuse.

@@ -1,9 +1,19 @@
-"""PoolWatchMiddleware's ASGI part: serves metrics and health, and tells checkouts their request."""
+"""PoolWatchMiddleware's ASGI part: serves metrics and health, and tells checkouts their request.
+
+The application's own middleware may use the database before its router runs (an API-key lookup).
+Added before poolwatch's, it runs inside it: the request context is there, and its route is found by
+matching the app's routes (``RequestContext.route``). Added after, it wraps poolwatch's and runs
+before any of it: so the request context is set by a thin layer (``RequestScope``) put around the
+app's whole middleware stack, the first time poolwatch's middleware is called with a Starlette app
+in the scope (the lifespan start-up, under a server, or else the first request) and finds one of the
+application's middlewares outside it. Poolwatch's endpoints stay where the application put them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from .._log import internal_errors, logger
 from .._record.context import RequestContext, current_request
@@ -92,27 +102,45 @@ class Middleware:
         # the app (scope["app"]) and its routes are known; an application's own endpoint wins.
         self._app_owns: dict[str, bool] = {}
         self._loop_seen = False
+        self._placed = False
         # Looked up once: it runs at the end of every request.
         self._request_finished = watch.requests.request_finished
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._loop_seen:
             self._note_loop()
+        if not self._placed:
+            self._place_request_scope(scope)
         kind = scope["type"]
         if kind == "http":
-            path = route_path(scope) if scope.get("root_path") else scope["path"]
-            endpoint = self._endpoints.get(path)
+            endpoint = self._own_endpoint(scope)
             if endpoint is not None:
-                owned = self._app_owns.get(path)
-                if owned is None:
-                    owned = self._app_owns[path] = self._application_serves(scope, path)
-                if not owned:
-                    await endpoint(scope, receive, send)
-                    return
+                await endpoint(scope, receive, send)
+                return
         elif kind != "websocket":
             await self.app(scope, receive, send)
             return
+        if _scoped_by.get() is self:
+            # This middleware's RequestScope, outside the application's middleware, set the
+            # request's context: it notes the response and counts the request.
+            await self.app(scope, receive, send)
+            return
+        await self.attributed(self.app, scope, receive, send)
 
+    def _own_endpoint(self, scope: Scope) -> Endpoint | None:
+        """Poolwatch's endpoint at this request's path, unless the application routes it itself."""
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
+        endpoint = self._endpoints.get(path)
+        if endpoint is None:
+            return None
+        owned = self._app_owns.get(path)
+        if owned is None:
+            owned = self._app_owns[path] = self._application_serves(scope, path)
+        return None if owned else endpoint
+
+    async def attributed(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run ``app`` with this request's context set: checkouts, timeouts and statements inside
+        it are the request's."""
         context = RequestContext(scope)
         token = current_request.set(context)
 
@@ -124,7 +152,7 @@ class Middleware:
             return send(message)
 
         try:
-            await self.app(scope, receive, send_and_note_response)
+            await app(scope, receive, send_and_note_response)
         finally:
             current_request.reset(token)
             try:
@@ -156,6 +184,19 @@ class Middleware:
             )
         return owned
 
+    def _place_request_scope(self, scope: Scope) -> None:
+        """Put a RequestScope around the Starlette app's middleware stack if one of the
+        application's middlewares sits outside this one (see the module docstring)."""
+        self._placed = True
+        try:
+            app = scope.get("app")
+            stack = getattr(app, "middleware_stack", None)
+            if stack is None or isinstance(stack, RequestScope) or not _outside_of(stack, self):
+                return
+            app.middleware_stack = RequestScope(stack, self)  # type: ignore[union-attr]
+        except Exception as error:
+            internal_errors.record("request_scope", error)
+
     def _note_loop(self) -> None:
         # The sidecar runs health endpoints on the app's loop (async engines' connections are
         # bound to it); the first lifespan or request event tells us which loop that is.
@@ -164,3 +205,46 @@ class Middleware:
 
     async def _serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await serve_metrics(self.watch.registry, scope, receive, send, self.watch.direct_collector)
+
+
+# The middleware whose RequestScope set the current request's context, if one did.
+_scoped_by: ContextVar[Middleware | None] = ContextVar("poolwatch_scoped_by", default=None)
+
+# Starlette's own outermost layers: they run no application code before the request goes on.
+_STARLETTE_OUTER = frozenset(("ServerErrorMiddleware", "RequestBodyLimitMiddleware"))
+
+
+def _outside_of(stack: ASGIApp, middleware: Middleware) -> bool:
+    """Whether an application middleware runs before ``middleware`` in ``stack``: found by following
+    each layer's ``app`` (as Starlette's middlewares keep the next one) from the top."""
+    layer: object = stack
+    for _ in range(64):
+        if layer is middleware:
+            return False
+        if type(layer).__name__ not in _STARLETTE_OUTER:
+            return True
+        layer = getattr(layer, "app", None)
+        if layer is None:
+            return True
+    return True
+
+
+class RequestScope:
+    """The request context around an application's whole middleware stack, so that work done in
+    the application's own middleware, outside poolwatch's, belongs to its request."""
+
+    def __init__(self, app: ASGIApp, middleware: Middleware) -> None:
+        self.app = app
+        self.middleware = middleware
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        middleware = self.middleware
+        if kind == "websocket" or (kind == "http" and middleware._own_endpoint(scope) is None):
+            token = _scoped_by.set(middleware)
+            try:
+                await middleware.attributed(self.app, scope, receive, send)
+            finally:
+                _scoped_by.reset(token)
+        else:
+            await self.app(scope, receive, send)
