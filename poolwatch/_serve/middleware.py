@@ -125,7 +125,24 @@ class Middleware:
             # request's context: it notes the response and counts the request.
             await self.app(scope, receive, send)
             return
-        await self.attributed(self.app, scope, receive, send)
+
+        # ``attributed``, written out: one coroutine less on every request.
+        context = RequestContext(scope)
+        token = current_request.set(context)
+
+        def send_and_note_response(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                context.response_started = True
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_response)
+        finally:
+            current_request.reset(token)
+            try:
+                self._request_finished(context.key or context.labels(), context.queries)
+            except Exception as error:
+                internal_errors.record("request_finished", error)
 
     def _own_endpoint(self, scope: Scope) -> Endpoint | None:
         """Poolwatch's endpoint at this request's path, unless the application routes it itself."""
@@ -140,7 +157,7 @@ class Middleware:
 
     async def attributed(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Run ``app`` with this request's context set: checkouts, timeouts and statements inside
-        it are the request's."""
+        it are the request's. (``__call__`` has a copy inline.)"""
         context = RequestContext(scope)
         token = current_request.set(context)
 
