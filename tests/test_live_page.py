@@ -5,7 +5,8 @@ both).
 The demo runs with ``POOLWATCH_UI=token``, so the same process shows both that the page and its JSON
 refuse a caller without the token and that a browser given ``?token=`` once keeps working.
 
-Set ``POOLWATCH_LIVE_PAGE_SCREENSHOT=docs/live-page.png`` to write the screenshot README shows.
+The run saves the screenshot that README and the documentation show, ``docs/live-page.png``, every
+time (``POOLWATCH_LIVE_PAGE_SCREENSHOT`` names another file, relative to the checkout, or ``off``).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def test_page_loads_without_console_errors_and_the_numbers_move(
 
 
 def test_a_leaked_connection_appears_with_its_route_and_site(demo: Demo, browser: webdriver.Chrome) -> None:
-    screenshot = os.environ.get("POOLWATCH_LIVE_PAGE_SCREENSHOT")
+    screenshot = os.environ.get("POOLWATCH_LIVE_PAGE_SCREENSHOT", "docs/live-page.png")
+    if screenshot == "off":
+        screenshot = ""
     if screenshot:
         # A picture worth keeping shows the sizing hint, which needs 10 s of watching.
         verdict = "return Array.from(document.querySelectorAll('.sizing'), (e) => e.className).join()"

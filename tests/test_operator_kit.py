@@ -1,6 +1,7 @@
 """The operator kit, statically: dashboards, alert rules (promtool), Prometheus config, compose.
 
-README.md's metric reference is the catalogue: it must list exactly what the package exports (its
+The documentation's metric reference (docs/reference/metrics.md) is the catalogue: it must list
+exactly what the package exports (its
 ``SPECS``), and every metric name used by a dashboard or a rule must be in it, because a dashboard
 querying a name nobody exports shows "No data" forever. Nothing here reads outside the repository.
 """
@@ -24,8 +25,10 @@ DASHBOARDS = ROOT / "dashboards"
 ALERTS = DASHBOARDS / "alerts"
 RULES = ALERTS / "poolwatch.rules.yml"
 RULE_TESTS = ALERTS / "poolwatch.rules.test.yml"
-README = ROOT / "README.md"
-REFERENCE_HEADING = "## Metric reference"
+README = ROOT / "docs" / "reference" / "metrics.md"  # the metric reference
+REFERENCE_HEADING = "# Metrics"
+MKDOCS = ROOT / "mkdocs.yml"
+RUNBOOKS = ROOT / "docs" / "runbooks"
 COMPOSE = ROOT / "docker-compose.yml"
 DATASOURCE_REF = "${datasource}"
 
@@ -150,7 +153,7 @@ class CatalogueRow:
 def catalogue_rows() -> dict[str, CatalogueRow]:
     """README's metric reference: metric name -> type and label names, parsed from its table."""
     text = README.read_text()
-    assert REFERENCE_HEADING in text, f"README.md has no {REFERENCE_HEADING!r} section"
+    assert REFERENCE_HEADING in text, f"{README} has no {REFERENCE_HEADING!r} section"
     section = text.split(REFERENCE_HEADING, 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
@@ -333,6 +336,18 @@ def test_grafana_provisioning() -> None:
 # ---------------------------------------------------------------- alert rules
 
 
+def site_url() -> str:
+    """The documentation site's address (mkdocs.yml), which runbook_url annotations start with."""
+    match = re.search(r"^site_url:\s*(\S+)\s*$", MKDOCS.read_text(), re.MULTILINE)
+    assert match and match[1].endswith("/"), "mkdocs.yml has no site_url ending in /"
+    return match[1]
+
+
+def test_every_runbook_page_belongs_to_an_alert() -> None:
+    pages = {path.stem for path in RUNBOOKS.glob("*.md")} - {"index"}
+    assert pages == EXPECTED_ALERTS, sorted(pages ^ EXPECTED_ALERTS)
+
+
 def test_rules_have_annotations_and_a_runbook_anchor() -> None:
     rules = load_rules()
     names = [rule["alert"] for rule in rules]
@@ -341,7 +356,10 @@ def test_rules_have_annotations_and_a_runbook_anchor() -> None:
     for rule in rules:
         annotations = rule.get("annotations", {})
         assert annotations.get("summary") and annotations.get("description"), rule["alert"]
-        assert annotations.get("runbook") == f"README.md#runbook-{rule['alert'].lower()}"
+        page = f"docs/runbooks/{rule['alert']}.md"
+        assert annotations.get("runbook") == page, rule["alert"]
+        assert (ROOT / page).is_file(), f"{rule['alert']}: no runbook page {page}"
+        assert annotations.get("runbook_url") == f"{site_url()}runbooks/{rule['alert']}/", rule["alert"]
         assert rule.get("labels", {}).get("severity") in {"warning", "critical"}, rule["alert"]
 
 

@@ -1,5 +1,5 @@
 """The package as a user gets it: build the wheel and sdist, check them, install the wheel into a
-clean virtualenv and run README's quick start there.
+clean virtualenv and run the quick start of docs/getting-started.md there.
 
 Real tools all the way: ``python -m build`` (isolated build, hatchling from the package index),
 ``twine check --strict``, ``python -m venv`` and pip with its usual cache, so repeated runs download
@@ -26,6 +26,7 @@ from tests.metrics import parse_text
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+GETTING_STARTED = ROOT / "docs" / "getting-started.md"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 # What the quick start needs besides poolwatch: FastAPI, and httpx for starlette's TestClient.
@@ -39,7 +40,7 @@ import sys
 
 from starlette.testclient import TestClient
 
-import app  # README's quick start, as written there
+import app  # the quick start, as written in docs/getting-started.md
 import poolwatch
 
 with TestClient(app.app) as client:
@@ -74,12 +75,12 @@ def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complet
 
 
 def quick_start_code() -> str:
-    """The first Python block under README's "### Quick start" heading."""
-    text = README.read_text()
-    assert "### Quick start" in text, "README.md has no '### Quick start' section"
-    section = text.split("### Quick start", 1)[1]
+    """The first Python block under docs/getting-started.md's "## Quick start" heading."""
+    text = GETTING_STARTED.read_text()
+    assert "## Quick start" in text, "docs/getting-started.md has no '## Quick start' section"
+    section = text.split("## Quick start", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match, "no ```python block under README's Quick start"
+    assert match, "no ```python block under the Quick start"
     return match.group(1)
 
 
@@ -164,8 +165,8 @@ def test_the_wheel_runs_the_readme_quick_start_in_a_clean_venv(venv: Path, tmp_p
     assert samples.find("poolwatch_query_seconds_count", pool=pool, operation="SELECT")
 
 
-def test_readme_names_every_extra() -> None:
-    text = README.read_text()
-    section = text.split("## Installing the package", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_name_every_extra() -> None:
+    text = GETTING_STARTED.read_text()
+    section = text.split("## Install", 1)[1].split("\n## ", 1)[0]
     rows = set(re.findall(r"^\| `([a-z]+)` \|", section, re.MULTILINE))
     assert rows == set(PYPROJECT["project"]["optional-dependencies"]), rows

@@ -15,7 +15,8 @@ import pytest
 
 pytest_plugins = ("pytester",)
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+# The guard's how-to page: its complete test module is run here, on PostgreSQL.
+GUARD_PAGE = Path(__file__).resolve().parent.parent / "docs" / "how-to" / "test-guard.md"
 
 INI = """
 [pytest]
@@ -417,7 +418,7 @@ def python_blocks_under(markdown: str, heading: str) -> list[str]:
 def test_the_readme_example_runs_as_written(pytester: pytest.Pytester, postgres_url: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("DATABASE_URL", postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
-    (example,) = python_blocks_under(README.read_text(), "## Tests: leak and query-budget guards")
+    (example,) = python_blocks_under(GUARD_PAGE.read_text(), "## A complete test module")
     pytester.makeini(INI)
     pytester.makepyfile(test_example=example)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
