@@ -53,7 +53,15 @@ class PoolWatchSettings(BaseSettings):
     health_cache_seconds: float = Field(2.0, ge=0, le=3600, allow_inf_nan=False)
     health_details: Literal["never", "token", "always"] = "never"
     health_token: SecretStr | None = None
-    health_saturated_status: Literal[503, 200] = 503
+    # 200 answers "degraded": readiness that fails on load takes pods out exactly when the others
+    # are loaded too (README, Kubernetes).
+    health_saturated_status: Literal[503, 200] = 200
+    # A full pool with callers queued that made no progress (no checkout, checkin, statement or new
+    # connection) for this long is "down" (stalled). Longer than a slow statement or a connect
+    # timeout, shorter than a readiness probe's failureThreshold x periodSeconds (README).
+    health_stall_seconds: float = Field(10.0, gt=0, le=3600, allow_inf_nan=False)
+    # A pool checkout that times out gets a PEP 678 note naming who holds the connections.
+    timeout_note: bool = True
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = Field("0.0.0.0", min_length=1)
     tracing: bool = False
@@ -73,6 +81,14 @@ class PoolWatchSettings(BaseSettings):
     # (poolwatch_server_connections_max): None reads it from the server, a number is used as given
     # (a pooler's own limit, say), "off" (or 0) never reads it and reports none.
     server_connections_max: int | Literal["off"] | None = None
+
+    @field_validator("health_saturated_status", mode="before")
+    @classmethod
+    def _status_from_text(cls, value: object) -> object:
+        # The environment gives strings, and pydantic does not coerce "200" to Literal[503, 200].
+        if isinstance(value, str) and value.strip() in {"200", "503"}:
+            return int(value.strip())
+        return value
 
     @field_validator("server_connections_max", mode="before")
     @classmethod
@@ -118,6 +134,7 @@ class PoolWatchSettings(BaseSettings):
         "held_idle_seconds",
         "health_deadline_seconds",
         "health_cache_seconds",
+        "health_stall_seconds",
         "metrics_port",
         "multiproc_interval_seconds",
         mode="before",
@@ -172,6 +189,8 @@ class SettingsKeywords(TypedDict, total=False):
     health_details: Literal["never", "token", "always"]
     health_token: str | SecretStr | None
     health_saturated_status: Literal[503, 200]
+    health_stall_seconds: float
+    timeout_note: bool
     metrics_port: int | None
     metrics_host: str
     tracing: bool

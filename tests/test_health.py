@@ -177,7 +177,9 @@ def test_details_never_and_always(postgres_url: str, proxy: FaultProxy, registry
 # What /health/db answers in each mode of the proxy, in this order (cache 0, deadline 0.3 s): the
 # pooled connection still works while new ones are refused; a stall hangs it past the deadline; after
 # a cut the dead connection is replaced by a fresh one.
-MODES_AND_HEALTH = [("pass", 200), ("refuse", 200), ("stall", 503), ("cut", 200), ("pass", 200)]
+# A stalled server answers "degraded" (200) until the stall window (10 s by default) passes with no
+# progress; this test spends far less than that in each mode.
+MODES_AND_HEALTH = [("pass", 200), ("refuse", 200), ("stall", 200), ("cut", 200), ("pass", 200)]
 
 
 def test_no_secret_in_any_response_or_log_event(
@@ -211,7 +213,7 @@ def test_no_secret_in_any_response_or_log_event(
     assert any('"pools"' in text for text in seen)  # details were shown, and checked
     assert not [text for text in seen if CANARY in text]
     changes = [e for e in events if e["event"] == "poolwatch.health_changed"]
-    assert {e["status"] for e in changes} >= {"down", "ok"}  # the log was captured, and checked
+    assert {e["status"] for e in changes} >= {"saturated", "ok"}  # the log was captured, and checked
     assert not [event for event in events if CANARY in repr(event)]
 
 

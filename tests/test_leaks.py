@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
 import poolwatch
+from poolwatch._record.events import shown_path
 from tests import attribution_app
 from tests.fault_fixtures import SERVINGS, Serving, client_of, wait_until_async
 from tests.metrics import scrape
@@ -56,7 +57,7 @@ def test_held_connection_is_flagged_once_with_its_borrow_site(
     detected = [e for e in events if e["event"] == "poolwatch.leak_detected"]
     returned = [e for e in events if e["event"] == "poolwatch.leak_returned"]
     assert len(detected) == 1 and len(returned) == 1, events
-    assert detected[0]["site"] == f"{__file__}:{borrow_line}"
+    assert detected[0]["site"] == f"{shown_path(__file__)}:{borrow_line}"
     assert detected[0]["function"] == "test_held_connection_is_flagged_once_with_its_borrow_site"
     assert detected[0]["pool"] == "leaky" and detected[0]["route"] == "<none>"
     assert detected[0]["log_level"] == "warning"
@@ -141,7 +142,7 @@ async def test_async_leak_in_a_request_names_the_endpoint(
     assert len(detected) == 1, events
     assert detected[0]["route"] == "/hold/{seconds}"
     # Across SQLAlchemy's greenlet: the endpoint's own await, not SQLAlchemy's internals.
-    assert detected[0]["site"].startswith(attribution_app.__file__)
+    assert detected[0]["site"].startswith(shown_path(attribution_app.__file__) + ":")
     assert detected[0]["function"].endswith("hold")
     assert scrape(registry).value("poolwatch_leaks_total", pool="async", route="/hold/{seconds}") == 1
     watch.close()

@@ -1,5 +1,7 @@
-"""/health/db under a black-holed database: a stalled pool is down, and a hung probe never holds the
-status once the database is back. Real PostgreSQL behind the fault proxy, real uvicorn."""
+"""/health/db under a black-holed database: a full pool that makes no progress for the stall window
+is down (never sooner: a slow database is not a dead one), a black hole is never "ok" after a cache
+period, and a hung probe never holds the status once the database is back. Real PostgreSQL behind
+the fault proxy, real uvicorn."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ __all__ = ["proxy"]  # the fixture, imported for pytest
 
 DEADLINE = 0.5
 CACHE = 1.0
+# Short for the tests; the default is 10 s.
+STALL = 2.0
 # Right answers come within the deadline; wrong ones wait pool_timeout (30 s) or never come.
 WELL_WITHIN = 5.0
 
@@ -40,30 +44,24 @@ def timed_db(client: httpx.Client) -> tuple[int, dict[str, Any], float]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "pre_ping", "waiting", "saturated_status"),
-    [
-        ("async", False, 0, 503),
-        ("async", False, 2, 200),
-        ("async", True, 2, 200),
-        ("sync", False, 2, 200),
-    ],
-    ids=["stuck-in-queries", "callers-waiting", "stuck-in-pre-ping", "sync-callers-waiting"],
+    ("kind", "pre_ping", "waiting"),
+    [("async", False, 2), ("async", True, 2), ("sync", False, 2)],
+    ids=["callers-waiting", "stuck-in-pre-ping", "sync-callers-waiting"],
 )
-def test_a_black_holed_database_behind_a_full_pool_is_down_not_busy(
+def test_a_black_holed_database_behind_a_full_pool_is_down_after_the_stall_window(
     postgres_url: str,
     proxy: FaultProxy,
     registry: CollectorRegistry,
     kind: str,
     pre_ping: bool,
     waiting: int,
-    saturated_status: int,
 ) -> None:
     options: dict[str, Any] = {
         "pool_size": 2, "max_overflow": 0, "pool_timeout": 30, "pool_pre_ping": pre_ping,
     }  # fmt: skip
     settings: dict[str, Any] = {
         "health_deadline_seconds": DEADLINE, "health_cache_seconds": CACHE,
-        "health_saturated_status": saturated_status, "health_details": "always",
+        "health_stall_seconds": STALL, "health_details": "always",
     }  # fmt: skip
     if kind == "async":
         engine = create_async_engine(proxied(postgres_url, proxy, "asyncpg"), **options)
@@ -73,11 +71,12 @@ def test_a_black_holed_database_behind_a_full_pool_is_down_not_busy(
             sa.create_engine(proxied(postgres_url, proxy, "psycopg"), **options), registry, **settings
         )
 
-    def pool_is(used: int, pending: int) -> bool:
-        return (
-            value(registry, "poolwatch_connections", pool="primary", state="used") == used
-            and value(registry, "poolwatch_pending_requests", pool="primary") == pending
-        )
+    def pool_is(out: int, pending: int) -> bool:
+        # Callers stuck in pre-ping hold a slot but have no connection yet: not "used", not pending.
+        used = value(registry, "poolwatch_connections", pool="primary", state="used")
+        pinging = value(registry, "poolwatch_connections_pinging", pool="primary")
+        queued = value(registry, "poolwatch_pending_requests", pool="primary")
+        return (used + pinging, queued) == (out, pending)
 
     with (
         served(app) as url,
@@ -86,28 +85,109 @@ def test_a_black_holed_database_behind_a_full_pool_is_down_not_busy(
     ):
         # Both connections opened (two requests at once), back in the pool, and the database ok.
         assert [f.result() for f in [callers.submit(get, url, "/sleep/0.2") for _ in range(2)]] == [200, 200]
-        wait_until(lambda: pool_is(used=0, pending=0), 5, "the warm-up requests never finished")
+        wait_until(lambda: pool_is(out=0, pending=0), 5, "the warm-up requests never finished")
         status, body, _ = timed_db(client)
         assert (status, body["status"]) == (200, "ok")
-        ok_at = time.monotonic()
 
         proxy.set_mode("stall")
+        stalled_at = time.monotonic()
         requests = [callers.submit(get, url, "/one") for _ in range(2 + waiting)]
         # Every connection is out and stuck on the wire (in its query, or in pre-ping inside the
         # checkout), and `waiting` more callers queue behind them.
-        in_connect = 2 if pre_ping else 0
-        wait_until(lambda: pool_is(used=2, pending=in_connect + waiting), 10, "the pool never filled")
-        # The last ok may stand for its cache period, never longer.
-        time.sleep(max(0.0, ok_at + CACHE - time.monotonic()))
-        answers = [timed_db(client) for _ in range(3)]
+        wait_until(lambda: pool_is(out=2, pending=waiting), 10, "the pool never filled")
+        answers: list[tuple[float, int, str, str | None, float]] = []
+        while time.monotonic() < stalled_at + STALL + CACHE + WELL_WITHIN:
+            status, body, took = timed_db(client)
+            answers.append(
+                (time.monotonic(), status, body["status"], body["pools"]["primary"].get("error"), took)
+            )
+            if body["status"] == "down":
+                break
+            time.sleep(0.1)
         proxy.set_mode("pass")  # held bytes are delivered: every stuck request completes
         statuses = [request.result() for request in requests]
 
-    assert [
-        (status, body["status"], body["pools"]["primary"].get("error")) for status, body, _ in answers
-    ] == [(503, "down", "stalled")] * 3
-    assert max(took for _, _, took in answers) < WELL_WITHIN
+    shown = [(status, word, error) for _, status, word, error, _ in answers]
+    # Saturated (200 "degraded", the default) while the stall window runs, then down: never "ok".
+    assert shown[-1] == (503, "down", "stalled"), shown
+    assert set(shown[:-1]) == {(200, "degraded", None)}, shown
+    # Down only once the window has passed with no progress, never on the probe's deadline.
+    assert answers[-1][0] - stalled_at >= STALL
+    assert max(took for *_, took in answers) < WELL_WITHIN
     assert statuses == [200] * (2 + waiting)
+
+
+def test_a_full_pool_stuck_in_queries_with_nobody_waiting_is_saturated_not_ok_and_not_down(
+    postgres_url: str, proxy: FaultProxy, registry: CollectorRegistry
+) -> None:
+    """Every connection out, nothing moving, nobody queued: as far as the pool can tell, that is
+    two long statements as much as a dead server, so it is "saturated" (never "ok" after the
+    cache period, never "down": nobody is waiting on the pool)."""
+    engine = create_async_engine(proxied(postgres_url, proxy, "asyncpg"), pool_size=2, max_overflow=0)
+    app, _ = make_app(
+        engine, registry, health_deadline_seconds=DEADLINE, health_cache_seconds=CACHE,
+        health_stall_seconds=STALL, health_saturated_status=503, health_details="always",
+    )  # fmt: skip
+    with (
+        served(app) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+        ThreadPoolExecutor(2) as callers,
+    ):
+        # Both connections opened and back in the pool, so the stalled requests hold them.
+        assert [f.result() for f in [callers.submit(get, url, "/sleep/0.2") for _ in range(2)]] == [200, 200]
+        assert client.get("/health/db").status_code == 200
+        ok_at = time.monotonic()
+        proxy.set_mode("stall")
+        requests = [callers.submit(get, url, "/one") for _ in range(2)]
+        wait_until(
+            lambda: value(registry, "poolwatch_connections", pool="primary", state="used") == 2,
+            10,
+            "the pool never filled",
+        )
+        time.sleep(max(0.0, ok_at + CACHE - time.monotonic()))
+        shown = set()
+        until = time.monotonic() + STALL + CACHE + 1.0
+        while time.monotonic() < until:
+            response = client.get("/health/db")
+            shown.add((response.status_code, response.json()["pools"]["primary"]["status"]))
+            time.sleep(0.1)
+        proxy.set_mode("pass")
+        assert [request.result() for request in requests] == [200, 200]
+    assert shown == {(503, "saturated")}
+
+
+def test_a_slow_but_alive_database_behind_a_full_pool_is_never_down(
+    async_url: str, registry: CollectorRegistry
+) -> None:
+    """Two-second statements through a full pool of 2 with six callers queued, probed for 15 s with
+    a stall window shorter than a statement: statements keep completing, so it is saturated
+    (200 "degraded") throughout, never "down". The old verdict said "stalled" in 4 of 6 probes."""
+    engine = create_async_engine(async_url, pool_size=2, max_overflow=0, pool_timeout=60)
+    app, _ = make_app(
+        engine, registry, health_deadline_seconds=DEADLINE, health_cache_seconds=CACHE,
+        health_stall_seconds=3.0, health_details="always",
+    )  # fmt: skip
+    with (
+        served(app) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+        ThreadPoolExecutor(8) as callers,
+    ):
+        requests = [callers.submit(get, url, "/sleep/2") for _ in range(8)]
+        wait_until(
+            lambda: value(registry, "poolwatch_pending_requests", pool="primary") == 6, 10, "six never queued"
+        )
+        shown = []
+        until = time.monotonic() + 15.0
+        while time.monotonic() < until and not all(request.done() for request in requests):
+            response = client.get("/health/db")
+            details = response.json()["pools"]["primary"]
+            shown.append((response.status_code, response.json()["status"], details["pending"] > 0))
+            time.sleep(0.5)
+        assert [request.result() for request in requests] == [200] * 8
+    # Every answer while callers queued was "degraded"; none was "down".
+    assert [answer for answer in shown if answer[2]], "nothing was probed while callers queued"
+    assert {answer[:2] for answer in shown if answer[2]} == {(200, "degraded")}
+    assert not [answer for answer in shown if answer[1] == "down"]
 
 
 def test_recovery_shows_within_one_cache_period_while_a_sync_probe_hangs_in_connect(
@@ -123,7 +203,8 @@ def test_recovery_shows_within_one_cache_period_while_a_sync_probe_hangs_in_conn
     with served(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         proxy.set_mode("stall")
         status, body, took = timed_db(client)
-        assert (status, body, took < WELL_WITHIN) == (503, {"status": "down"}, True)
+        # Late, not dead, until the stall window (10 s) passes with no progress: "degraded".
+        assert (status, body, took < WELL_WITHIN) == (200, {"status": "degraded"}, True)
         assert probe_in_flight(recorder)  # its thread is stuck opening a connection
 
         # The database is back (the hung attempt's socket stays black-holed) and the
@@ -152,14 +233,17 @@ def test_hung_sync_probes_stay_bounded_while_the_database_flaps(
 ) -> None:
     # NullPool opens a connection per checkout, so a probe during each stall hangs connecting.
     engine = sa.create_engine(proxied(postgres_url, proxy, "psycopg"), poolclass=NullPool)
-    app, watch = make_sync_app(engine, registry, health_deadline_seconds=0.3, health_cache_seconds=0)
+    app, watch = make_sync_app(
+        engine, registry, health_deadline_seconds=0.3, health_cache_seconds=0, health_stall_seconds=600
+    )
     [recorder] = watch.recorders
     threads_before = probe_threads(recorder.name)
     running = []
     with served(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         for _ in range(6):
             proxy.set_mode("stall")
-            assert client.get("/health/db").json() == {"status": "down"}
+            # Late, not dead: the application got through a moment ago (the stall window is long).
+            assert client.get("/health/db").json() == {"status": "degraded"}
             running.append(probes_running(recorder))
             # Back for a moment: the application gets through (a sign of life), then it stalls again.
             proxy.set_mode("pass")
@@ -177,7 +261,9 @@ def test_without_traffic_a_hung_probe_gets_one_companion_by_age_and_keeps_a_slot
 ) -> None:
     monkeypatch.setattr(_probe, "_HUNG_RETRY_SECONDS", 1.0)
     engine = sa.create_engine(proxied(postgres_url, proxy, "psycopg"), pool_size=5, pool_timeout=30)
-    app, watch = make_sync_app(engine, registry, health_deadline_seconds=0.3, health_cache_seconds=0)
+    app, watch = make_sync_app(
+        engine, registry, health_deadline_seconds=0.3, health_cache_seconds=0, health_stall_seconds=0.5
+    )
     [recorder] = watch.recorders
     with served(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         proxy.set_mode("stall")
@@ -187,7 +273,9 @@ def test_without_traffic_a_hung_probe_gets_one_companion_by_age_and_keeps_a_slot
         while time.monotonic() < until:
             answers.add(client.get("/health/db").status_code)
             time.sleep(0.1)
-        assert answers == {503}
+        # No traffic and no answer: degraded until the stall window passes, then down.
+        assert answers == {200, 503}
+        assert client.get("/health/db").status_code == 503
         # One more attempt by age; the last slot is kept for a sign of life.
         assert probes_running(recorder) == 2
         assert proxy.accepted == 2

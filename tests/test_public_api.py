@@ -75,6 +75,8 @@ CATALOGUE = [
     ("poolwatch_connections_max", "gauge", ("pool",)),
     ("poolwatch_connections_overflow", "gauge", ("pool",)),
     ("poolwatch_pending_requests", "gauge", ("pool",)),
+    ("poolwatch_connections_opening", "gauge", ("pool",)),
+    ("poolwatch_connections_pinging", "gauge", ("pool",)),
     ("poolwatch_oldest_checkout_age_seconds", "gauge", ("pool",)),
     ("poolwatch_leaked_connections", "gauge", ("pool",)),
     ("poolwatch_pool_info", "gauge", ("pool", "dialect", "driver", "pool_class", "server", "role")),

@@ -70,14 +70,20 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
         around(original_no_params, statement, context, cursor, statement, context)
 
     def connect(*cargs: Any, **cparams: Any) -> Any:
+        # Connections being opened now (poolwatch_connections_opening): not queueing.
+        recorder.opening += 1
         try:
             return original_connect(*cargs, **cparams)
         except Exception as error:
             # A cancelled caller (a BaseException) is not a failed attempt to connect.
             _connect_failed(recorder, error)
             raise
+        finally:
+            recorder.opening -= 1
 
     def do_ping(dbapi_connection: Any) -> bool:
+        # Pre-pings in flight now: not queueing either.
+        recorder.pinging += 1
         try:
             alive = original_ping(dbapi_connection)
         except Exception as error:
@@ -86,6 +92,8 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
             # the client went away, the connection did not.
             _pre_ping_failed(recorder, dbapi_connection, type(error).__name__)
             raise
+        finally:
+            recorder.pinging -= 1
         if not alive:
             _pre_ping_failed(recorder, dbapi_connection, "PingReturnedFalse")
         return alive

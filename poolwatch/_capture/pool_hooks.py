@@ -17,6 +17,7 @@ recorder once it is the watched engine's pool (a copy's ``dispose()`` gives it t
 from __future__ import annotations
 
 import threading
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable
 from contextvars import copy_context
@@ -24,10 +25,13 @@ from sys import _getframe as getframe
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
+from sqlalchemy.util.queue import Empty
 
 from .._log import internal_errors
 from .._record.context import NO_REQUEST_KEY, current_request
 from .._record.recorder import CheckoutEntry, Exemplar, perf_counter
+from .._record.timeout_note import add_timeout_note
 from .borrow_site import borrow_site, borrow_stack, is_library_file
 from .tracing import exemplar
 
@@ -39,6 +43,13 @@ if TYPE_CHECKING:
 K = TypeVar("K")
 _MARK = "_poolwatch_recorder"
 _WRAPPED = ("connect", "_do_return_conn", "_close_connection", "recreate")
+# The pool's queue of idle connections (QueuePool and its async variants): its blocking ``get``
+# is the one place a caller waits for a free slot.
+_QUEUE_MARK = "_poolwatch_queued"
+# Pools that hand one connection record to several checkouts at once (StaticPool to everyone,
+# SingletonThreadPool to every connect on a thread): their checkouts are told apart by the
+# connection proxy (the "fairy"), not by the record.
+_SHARED_RECORD_POOLS = (StaticPool, SingletonThreadPool)
 
 
 def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
@@ -73,15 +84,20 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     capture_site = recorder.capture_site
     capture_stack = recorder.capture_stack
     tracing = recorder.tracing
+    timeout_note = recorder.timeout_note
     get_request = current_request.get
+    shares_records = isinstance(pool, _SHARED_RECORD_POOLS)
+    _hook_queue(pool, recorder)
 
     def connect() -> Any:
         recorder.waits_started += 1
         started = perf_counter()
         try:
             fairy = original_connect()
-        except sa_exc.TimeoutError:
+        except sa_exc.TimeoutError as error:
             _failed_wait(recorder, started, timed_out=True)
+            if timeout_note:
+                add_timeout_note(recorder, error)
             raise
         except BaseException:
             _failed_wait(recorder, started, timed_out=False)
@@ -117,9 +133,15 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                 copy_context(),
                 [0, 0.0],
             )
-            # Else handed out again while out (SingletonThreadPool): one checkout, first entry kept.
-            if open_checkouts.setdefault(record, entry) is entry:  # type: ignore[arg-type]
+            if shares_records:
+                _checkout_shared(recorder, fairy, entry)
+            elif open_checkouts.setdefault(record, entry) is entry:  # type: ignore[arg-type]
                 recorder.checkouts += 1
+                # No call between these statements: the count and its peak stay exact (see
+                # ``PoolRecorder.take_peaks``).
+                recorder.in_use += 1
+                if recorder.in_use > recorder.peak_in_use:
+                    recorder.peak_in_use = recorder.in_use
             if request is not None and request.response_started:
                 recorder.count_after_response(request.route)
         except Exception as error:
@@ -130,8 +152,9 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
         try:
             # The pop decides: a checkin counts once, whatever else runs (another thread, or a
             # checkin the garbage collector nests here).
-            entry = open_checkouts.pop(record, None)
+            entry = None if shares_records else open_checkouts.pop(record, None)
             if entry is not None:  # else taken before poolwatch was installed
+                recorder.in_use -= 1
                 held = perf_counter() - entry[0]
                 request = entry[1]
                 if request is None:
@@ -175,6 +198,115 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     pool._close_connection = close_connection  # type: ignore[method-assign]
     pool.recreate = recreate  # type: ignore[method-assign]
     setattr(pool, _MARK, recorder)
+
+
+def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
+    """Count the callers blocked in the pool's queue for a free slot (``pending``).
+
+    ``QueuePool._do_get`` asks its queue with ``block=True`` only once the pool is at its limit;
+    a non-blocking ask, opening a connection and pre-pinging one are not queueing.
+    """
+    queue = pool.__dict__.get("_pool")
+    get = getattr(queue, "get", None)
+    if queue is None or not callable(get) or not hasattr(queue, "__dict__"):
+        return
+    original_get = get
+
+    def queued_get(block: bool = True, timeout: float | None = None) -> Any:
+        if not block:
+            return original_get(block, timeout)
+        # A free connection is taken at once, as the blocking get would: that caller never queued.
+        try:
+            return original_get(False)
+        except Empty:
+            pass
+        # No call between the count and its peak: both stay exact (``take_peaks``).
+        recorder.queued += 1
+        if recorder.queued > recorder.peak_queued:
+            recorder.peak_queued = recorder.queued
+        try:
+            return original_get(block, timeout)
+        finally:
+            recorder.queued -= 1
+
+    queue.get = queued_get
+    queue.__dict__[_QUEUE_MARK] = recorder
+
+
+def _unhook_queue(pool: Pool) -> None:
+    queue = pool.__dict__.get("_pool")
+    if queue is not None and getattr(queue, "__dict__", {}).get(_QUEUE_MARK) is not None:
+        queue.__dict__.pop("get", None)
+        queue.__dict__.pop(_QUEUE_MARK, None)
+
+
+def _checkout_shared(recorder: PoolRecorder, fairy: Any, entry: tuple[Any, ...]) -> None:
+    """A checkout of a pool that shares one record among checkouts, keyed by its proxy.
+
+    The record cannot tell these checkouts apart: SQLAlchemy checks a shared record in once, when
+    the first of its proxies closes, and warns "Double checkin" for the others. Each proxy is
+    tracked instead: its own ``_checkin`` (an instance attribute, which ``close()`` calls) takes
+    its entry out, and a weak reference takes it out if the garbage collector finalizes a proxy
+    that was never closed. Neither holds the proxy strongly, so SQLAlchemy's own finalization of a
+    lost proxy happens exactly when it would without poolwatch.
+    """
+    open_checkouts = recorder.open_checkouts
+    key = id(fairy)
+    current = open_checkouts.get(key)
+    if current is not None and current[2] is not None and current[2]() is fairy:
+        return  # the same proxy handed out again while out (SingletonThreadPool): one checkout
+    holder: list[Any] = []
+
+    def reclaimed(_ref: Any) -> None:
+        if holder:
+            _checkin_shared(recorder, key, holder[0])
+
+    ref = weakref.ref(fairy, reclaimed)
+    # Its table key stands where a record would: the sweeper and the checkin find it there.
+    shared_entry = (*entry[:2], ref, *entry[3:5], key, *entry[6:])
+    holder.append(shared_entry)
+    open_checkouts[key] = shared_entry  # type: ignore[assignment]
+    recorder.checkouts += 1
+    recorder.in_use += 1
+    if recorder.in_use > recorder.peak_in_use:
+        recorder.peak_in_use = recorder.in_use
+    checkin = type(fairy)._checkin
+
+    def checkin_this(*args: Any, **kwargs: Any) -> None:
+        try:
+            _checkin_shared(recorder, key, shared_entry)
+        finally:
+            proxy = ref()
+            if proxy is not None:
+                proxy.__dict__.pop("_checkin", None)
+                checkin(proxy, *args, **kwargs)
+
+    fairy.__dict__["_checkin"] = checkin_this
+
+
+def _checkin_shared(recorder: PoolRecorder, key: int, entry: tuple[Any, ...]) -> None:
+    """The checkin bookkeeping of one shared-record checkout, once whatever calls it."""
+    try:
+        open_checkouts = recorder.open_checkouts
+        if open_checkouts.get(key) is not entry:
+            return
+        if open_checkouts.pop(key, None) is not entry:
+            return
+        recorder.in_use -= 1
+        held = perf_counter() - entry[0]
+        request = entry[1]
+        key_labels = NO_REQUEST_KEY if request is None else (request.key or request.labels())
+        use, idle_histogram = recorder.histograms_for(key_labels)
+        use.observe(held)
+        idle = held - entry[7][1]
+        idle_histogram.observe(idle)
+        fairy_ref = entry[2]
+        thresholds = [t for t in (recorder.leak_threshold, recorder.held_idle_threshold) if t > 0]
+        gone = fairy_ref is not None and fairy_ref() is None
+        if held > min(thresholds, default=float("inf")) or key in recorder.leaked_records or gone:
+            recorder.returned_notably(CheckoutEntry(*entry), key_labels, held, idle)
+    except Exception as error:
+        internal_errors.record("checkin", error)
 
 
 def _adopt_on_first_use(pool: Pool, recorder: PoolRecorder) -> None:
@@ -236,6 +368,7 @@ def unhook_pool(pool: Pool) -> None:
         return
     for name in _WRAPPED:
         pool.__dict__.pop(name, None)
+    _unhook_queue(pool)
     delattr(pool, _MARK)
 
 

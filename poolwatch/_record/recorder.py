@@ -84,8 +84,9 @@ class CheckoutEntry(NamedTuple):
     fairy_ref: weakref.ref[Any] | None
     site: tuple[CodeType, int] | None
     stack: traceback.StackSummary | None
-    # SQLAlchemy's connection record: the key of the checkout table, kept here so readers can
-    # iterate a copy of the table's values alone (see the module docstring).
+    # The key of the checkout table, kept here so readers can iterate a copy of the table's values
+    # alone (see the module docstring): SQLAlchemy's connection record, or for a pool that shares
+    # one record among checkouts (StaticPool, SingletonThreadPool) the id of the checkout's proxy.
     record: Any
     # The contextvars at checkout (structlog's bound request id, for one), for events about this
     # checkout that are logged later from another thread.
@@ -139,6 +140,7 @@ class PoolRecorder:
         self.capture_site = settings.leak_threshold_seconds > 0
         self.capture_stack = settings.leak_capture_stack and self.capture_site
         self.held_idle_threshold = settings.held_idle_seconds
+        self.timeout_note = settings.timeout_note
         # A minimal third-party dialect may lack either; SQLAlchemy itself does not need them.
         self.dialect = str(getattr(engine.dialect, "name", None) or "unknown")
         self.driver = str(getattr(engine.dialect, "driver", None) or "unknown")
@@ -160,11 +162,23 @@ class PoolRecorder:
         # Re-entrant: the garbage collector may check a connection in on a thread that holds it.
         self.lock = threading.RLock()
         # Callers inside Pool.connect now = started - the wait histogram's count (every call that
-        # ends, well or not, is observed there once).
+        # ends, well or not, is observed there once). Inside connect a caller may be queued for a
+        # slot, opening a connection or pre-pinging one: each of those is counted on its own below.
         self.waits_started = 0
+        # Callers blocked in the pool's queue for a free slot now (``pending``); connections being
+        # opened now; pre-pings in flight now. Each is a ``+= 1`` before and a ``-= 1`` after.
+        self.queued = 0
+        self.opening = 0
+        self.pinging = 0
         # Counted when the checkout table takes the entry (not when SingletonThreadPool hands out
         # a connection that is already out).
         self.checkouts = 0
+        # Checkouts in the table now, and the largest number of them, and of queued callers, since
+        # the last ``take_peaks()``: compared on every change, so a burst shorter than any sampling
+        # interval still shows (the sizing verdict needs the exact peak).
+        self.in_use = 0
+        self.peak_in_use = 0
+        self.peak_queued = 0
 
         self.connects = 0
         self.disconnects = 0
@@ -213,9 +227,29 @@ class PoolRecorder:
 
     @property
     def pending(self) -> int:
+        """Callers queued for a free slot now: never a caller that is opening a connection or
+        pre-pinging one (those are ``opening`` and ``pinging``)."""
+        return max(0, self.queued)
+
+    @property
+    def in_connect(self) -> int:
+        """Callers inside ``Pool.connect`` now, for whatever reason."""
         # Read the finished calls first: a caller that starts in between only makes this larger.
         finished = self.wait.count
         return max(0, self.waits_started - finished)
+
+    def take_peaks(self) -> tuple[int, int]:
+        """The most checkouts out at once and the most callers queued at once since the last call,
+        and the next interval starts from the values now.
+
+        Exact without a lock: each swap below is loads and stores with no call between them, so no
+        thread switch (and no checkin nested by the garbage collector) comes in the middle, and the
+        hot path's compare-and-store is equally whole. Meant for one consumer (the interval sampler):
+        two would split the peaks between them.
+        """
+        peak_in_use, self.peak_in_use = self.peak_in_use, self.in_use
+        peak_queued, self.peak_queued = self.peak_queued, self.queued
+        return peak_in_use, peak_queued
 
     @property
     def checkins(self) -> int:
@@ -390,9 +424,11 @@ class PoolRecorder:
     # -- reading --------------------------------------------------------------------------------
 
     def live_checkouts(self) -> LiveCheckouts:
-        now = perf_counter()
         with self.lock:
             starts = [entry[0] for entry in list(self.open_checkouts.values())]
+        # The clock is read after the copy: every entry in it started before now, so no age is
+        # ever negative (read before, a checkout made meanwhile had one).
+        now = perf_counter()
         if not starts:
             return LiveCheckouts()
         threshold = self.leak_threshold
@@ -445,7 +481,8 @@ class PoolRecorder:
             max_overflow=getattr(pool, "_max_overflow", None),
             overflow=max(0, _call(pool, "overflow") or 0),
             checked_out=_call(pool, "checkedout"),
-            callers_waiting=self.pending,
+            # This caller has left the queue by now; it waited too.
+            callers_waiting=self.pending + 1,
             route=route,
         )
         emit(timeout)

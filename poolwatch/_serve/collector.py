@@ -36,10 +36,15 @@ from .threadpool import read_threadpool
 
 @dataclass
 class PoolState:
+    # Checkouts handed out now: the table of live checkouts, so the gauge agrees with the checkouts
+    # the live page lists.
     used: int
     idle: int
     overflow: int
     max: int | None
+    # Slots taken now, as the pool counts them: the handed-out ones plus callers still opening or
+    # pre-pinging the connection of the slot they took. Whether the pool is full is judged on this.
+    taken: int = 0
 
 
 def read_pool_state(recorder: PoolRecorder, live_count: int) -> PoolState:
@@ -48,15 +53,17 @@ def read_pool_state(recorder: PoolRecorder, live_count: int) -> PoolState:
     checkedout = getattr(pool, "checkedout", None)
     if pool is None or not callable(checkedout):
         # NullPool, StaticPool, SingletonThreadPool: our own table of checkouts is the truth.
-        return PoolState(used=live_count, idle=0, overflow=0, max=None)
+        return PoolState(used=live_count, idle=0, overflow=0, max=None, taken=live_count)
     size = pool.size()
     max_overflow = getattr(pool, "_max_overflow", -1)
     bounded = size > 0 and max_overflow > -1
+    taken = max(0, checkedout())
     return PoolState(
-        used=max(0, checkedout()),
+        used=live_count,
         idle=max(0, pool.checkedin()),
         overflow=max(0, pool.overflow()),
         max=size + max_overflow if bounded else None,
+        taken=max(taken, live_count),
     )
 
 
@@ -81,7 +88,9 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_connections", "gauge", "Connections checked out (used) or idle in the pool now.", POOL, "state"),
         _spec("poolwatch_connections_max", "gauge", "pool_size + max_overflow (absent for unbounded pools).", POOL),
         _spec("poolwatch_connections_overflow", "gauge", "Connections open beyond pool_size now.", POOL),
-        _spec("poolwatch_pending_requests", "gauge", "Callers waiting for a connection now.", POOL),
+        _spec("poolwatch_pending_requests", "gauge", "Callers queued for a free slot now (not those opening or pre-pinging a connection).", POOL),
+        _spec("poolwatch_connections_opening", "gauge", "Connections being opened now.", POOL),
+        _spec("poolwatch_connections_pinging", "gauge", "Connections being pre-pinged now.", POOL),
         _spec("poolwatch_oldest_checkout_age_seconds", "gauge", "Age of the longest-held checkout now (0 if none).", POOL),
         _spec("poolwatch_leaked_connections", "gauge", "Checkouts held longer than the leak threshold now.", POOL),
         _spec("poolwatch_pool_info", "gauge", "What the pool is; role is a keyed hash of the user name.", POOL, "dialect", "driver", "pool_class", "server", "role"),
@@ -101,7 +110,7 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_checkouts_after_response_total", "counter", "Checkouts made after the response started (streaming bodies, background tasks).", POOL, "route"),
         _spec("poolwatch_query_errors_total", "counter", "Statements that raised.", POOL, "operation", "error"),
         _spec("poolwatch_internal_errors_total", "counter", "poolwatch's own swallowed failures."),
-        _spec("poolwatch_wait_seconds", "histogram", "Time spent waiting for a checkout.", POOL),
+        _spec("poolwatch_wait_seconds", "histogram", "Time inside Pool.connect(): queueing, plus opening or pre-pinging a connection when that happens.", POOL),
         _spec("poolwatch_use_seconds", "histogram", "Time a connection was held, checkout to checkin.", POOL, "route", "method"),
         _spec("poolwatch_connect_seconds", "histogram", "Time to open a new DBAPI connection.", POOL),
         _spec("poolwatch_query_seconds", "histogram", "Statement execution time.", POOL, "operation"),
@@ -165,10 +174,16 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
         add("poolwatch_connections_max", pool, state.max)
     add("poolwatch_connections_overflow", pool, state.overflow)
     add("poolwatch_pending_requests", pool, max(0, snap.pending))
+    add("poolwatch_connections_opening", pool, max(0, recorder.opening))
+    add("poolwatch_connections_pinging", pool, max(0, recorder.pinging))
     add("poolwatch_oldest_checkout_age_seconds", pool, snap.live.oldest_age)
     add("poolwatch_leaked_connections", pool, snap.live.leaked)
     pool_class = type(recorder.pool).__name__ if recorder.pool is not None else "unknown"
-    add("poolwatch_pool_info", (name, recorder.dialect, recorder.driver, pool_class, recorder.server, recorder.role), 1)
+    add(
+        "poolwatch_pool_info",
+        (name, recorder.dialect, recorder.driver, pool_class, recorder.server, recorder.role),
+        1,
+    )
     if recorder.server_connections_max is not None:
         add("poolwatch_server_connections_max", pool, recorder.server_connections_max)
     add("poolwatch_checkouts_total", pool, snap.checkouts)

@@ -2,11 +2,15 @@
 
 ``/health/live`` never touches a database: it answers whenever the process serves, so a database
 outage never gets healthy pods restarted. ``/health/db`` answers within its own deadline from the
-pools' state and a single-flight, cached probe (``_probe``): 200 ``ok``, 503 ``down`` (the probe
-failed, or a full pool handed out no connection within the deadline: stalled), and 503
-``saturated`` (or 200 ``degraded``, as configured) for a full pool with callers queued while
-connections still flow. The worst pool decides. Per-pool details appear only when the settings
-allow; the query string is never read.
+pools' state and a single-flight, cached probe (``probe``): 200 ``ok``; 200 ``degraded`` for a
+saturated pool (a full pool with callers queued that still makes progress, or a probe that is slow
+to answer), or 503 ``saturated`` when the operator asks for that; 503 ``down`` when a probe fails
+outright or the pool made no progress at all for the stall window. The worst pool decides.
+
+Saturated answers 200 by default because readiness that fails on load takes pods out exactly when
+the others are loaded too: fewer pods, more load on each, and every pod goes out.
+
+Per-pool details appear only when the settings allow; the query string is never read.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class HealthEndpoints:
                     deadline_at,
                     deadline,
                     settings.health_cache_seconds,
+                    stall_seconds=settings.health_stall_seconds,
                     probe=self._may_probe(recorder),
                 )
                 for recorder in recorders

@@ -17,17 +17,22 @@ Why it is shaped like this:
   overran its deadline answers ``down`` at once and is *hung* while its thread runs on.
 
 A full pool is never probed (the probe would queue behind the application). Its verdict comes
-from whether the pool still hands out connections, read from the recorder's checkout counter:
+from whether the pool makes progress, which every health check notes as it passes (``_Progress``):
+a connection handed out or returned, a statement completed (or failed: the server answered), a
+connection opened. The counters only grow, so two checks that read the same values bracket an
+interval with no progress at all.
 
-- A checkout completes only once a caller holds a connection. Callers stuck opening a connection
-  or in pre-ping hold a slot and count among ``pending``, but complete nothing; a black-holed
-  database therefore shows as a full pool whose counter stands still, however many callers wait.
-- Each health check notes the counter and when it was seen; a check that cannot tell from those
-  notes watches the counter until its deadline. A connection handed out within the last deadline
-  means the pool is flowing: ``saturated`` with callers queued for a slot (``pending`` minus the
-  callers holding a slot inside ``connect``), ``ok`` without. None within the deadline means
-  ``down`` (error ``stalled``). With nobody queued a fresh probe result stands for its cache
-  period, never longer.
+- A full pool with callers queued for a slot (``pending``) is ``saturated`` for as long as it makes
+  progress, however slow: a slow but alive database behind a full pool is never ``down``.
+- It is ``down`` (error ``stalled``) only once no progress at all was seen for the stall window
+  (``health_stall_seconds``), never on the probe's own deadline.
+- A full pool with nobody queued is ``ok`` when it made progress within the cache period or makes
+  some before the check's deadline, and ``saturated`` (error ``no_progress``) otherwise: every
+  connection out and nothing moving. Nobody waits on it, so it is never ``down`` on its own.
+- A probe of a pool that is not full and that does not answer by its deadline (a black-holed
+  database) is ``saturated`` (error ``timeout``) until the pool has made no progress for the stall
+  window, and ``down`` (``stalled``) from then on. A probe that fails outright (refused,
+  authentication, a ping that fails twice) is ``down`` at once.
 
 A hung sync probe never holds the pool's status after the database is back: once the cache has
 expired, a fresh probe starts beside it when the pool has shown signs of life since the hung one
@@ -74,7 +79,6 @@ from sqlalchemy.util import greenlet_spawn
 from .._log import internal_errors
 from .._record.context import NO_REQUEST, RequestContext, current_request
 from .collector import PoolState, read_pool_state
-from .server_limit import read_if_due
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -97,7 +101,7 @@ _RECANCEL_FOR = 5.0
 # server, pg_terminate_backend, an idle timeout); like pre-ping, try once more on a fresh one
 # before calling the database down. Both attempts share the one deadline.
 _ATTEMPTS = 2
-# How often a check of a full pool looks at the checkout counter while it waits for a sign of flow.
+# How often a check of a full pool that nobody queues for looks for progress until its deadline.
 _WATCH_EVERY = 0.01
 # Probes of one pool whose thread or task is still running (hung ones included): never more.
 _MAX_RUNNING = 3
@@ -143,34 +147,45 @@ def never_probed(pool: Pool | None) -> bool:
     return isinstance(pool, _NEVER_PROBED)
 
 
-class _Flow:
-    """What health checks have seen of the pool's checkout counter, and when."""
+class _Progress:
+    """What health checks have seen of the pool's progress counters, and when."""
 
-    __slots__ = ("changed_after", "count", "same_since", "seen_at")
+    __slots__ = ("changed_after", "same_since", "seen_at", "signature")
 
     def __init__(self) -> None:
-        self.count: int | None = None
-        # When the counter was last read.
+        self.signature: tuple[float, ...] | None = None
+        # When the counters were last read.
         self.seen_at = -math.inf
-        # No checkout completed from this instant to ``seen_at``.
+        # Nothing moved from this instant to ``seen_at``.
         self.same_since = -math.inf
-        # The last checkout seen completed after this instant (the read before the one that saw it).
+        # The last progress seen happened after this instant (the read before the one that saw it).
         self.changed_after = -math.inf
 
-    def observe(self, count: int, now: float) -> None:
-        if count != self.count:
+    def observe(self, signature: tuple[float, ...], now: float) -> None:
+        if signature != self.signature:
             self.changed_after = self.seen_at
             self.same_since = now
-            self.count = count
+            self.signature = signature
         self.seen_at = now
 
     def verdict(self, now: float, window: float) -> bool | None:
-        """True: a connection was handed out within ``window``; False: none was; None: unknown."""
+        """True: progress within ``window``; False: none for ``window``; None: not known yet."""
         if now - self.changed_after <= window:
             return True
         if now - self.same_since >= window:
             return False
         return None
+
+
+def progress_signature(recorder: PoolRecorder) -> tuple[float, ...]:
+    """Counters that move with any progress of the pool, and only grow.
+
+    Checkouts; checkins (the seconds held, summed: one float per route, cheaper than the counts);
+    statements completed or failed; connections opened.
+    """
+    statements = sum([histogram.total for histogram in list(recorder.query.values())])
+    failed = sum(list(recorder.query_errors.values()))
+    return (recorder.checkouts, recorder.checkin_progress, statements, failed, recorder.connects)
 
 
 class _Flight:
@@ -199,7 +214,7 @@ class _PoolProbeState:
         self.flight: _Flight | None = None
         # Every probe whose thread or task has not returned; at most _MAX_RUNNING.
         self.running: set[_Flight] = set()
-        self.flow = _Flow()
+        self.progress = _Progress()
         # What /health/db last said about this pool; "ok" until told otherwise, so a first
         # failure is logged and a first success is not.
         self.reported: Status = "ok"
@@ -237,6 +252,7 @@ async def check_pool(
     deadline: float,
     cache_seconds: float,
     *,
+    stall_seconds: float = 10.0,
     probe: bool = True,
 ) -> PoolHealth:
     """This pool's health, answered by ``deadline_at`` (a ``time.monotonic()`` instant).
@@ -249,23 +265,23 @@ async def check_pool(
     if never_probed(recorder.pool):
         return PoolHealth("ok", None, None, state, recorder.pending)
     with probes.lock:
-        probes.flow.observe(recorder.checkouts, monotonic())
-    if state.max is not None and state.used >= state.max:
-        # A full pool is judged by whether connections still flow; it is never probed.
-        queued = _queued(recorder, probes, state, live)
-        result = await _full_pool_result(recorder, probes, queued, deadline_at, deadline, cache_seconds)
+        probes.progress.observe(progress_signature(recorder), monotonic())
+    if state.max is not None and state.taken >= state.max:
+        # A full pool is judged by whether it makes progress; it is never probed.
+        result = await _full_pool_result(recorder, probes, deadline_at, cache_seconds, stall_seconds)
     elif not probe:
         return PoolHealth("ok", None, None, state, recorder.pending, not_probed=NO_OWNING_LOOP)
     else:
         result = await _probe_result(recorder, probes, deadline_at, deadline, cache_seconds)
+    result = _judge_late(probes, result, stall_seconds)
     after = read_state(recorder)
     return PoolHealth(result.status, result.latency, result.error, after, _others_pending(recorder, probes))
 
 
 def _others_pending(recorder: PoolRecorder, probes: _PoolProbeState) -> int:
-    """Callers inside ``Pool.connect``, not counting a probe of ours still stuck in its checkout."""
+    """Callers queued for a slot, not counting a probe of ours that may be queued itself."""
     pending = recorder.pending
-    return max(0, pending - 1) if _probe_in_checkout(probes) else pending
+    return max(0, pending - 1) if pending and _probe_in_checkout(probes) else pending
 
 
 def _probe_in_checkout(probes: _PoolProbeState) -> bool:
@@ -274,19 +290,19 @@ def _probe_in_checkout(probes: _PoolProbeState) -> bool:
         return flight is not None and flight.in_checkout
 
 
-def _queued(recorder: PoolRecorder, probes: _PoolProbeState, state: PoolState, live: int) -> int:
-    """Callers queued for a slot: those inside ``connect`` minus those already holding one.
+def _stalled(probes: _PoolProbeState, stall_seconds: float) -> bool:
+    with probes.lock:
+        return probes.progress.verdict(monotonic(), stall_seconds) is False
 
-    A caller opening a connection or pre-pinging one holds a slot (the pool counts it as checked
-    out) but has not completed its checkout yet, so it is not in the table of live checkouts.
-    """
-    holding = max(0, state.used - live)
-    queued = max(0, recorder.pending - holding)
-    # A probe of ours in its checkout without a slot is queued itself; one holding a slot (while
-    # it connects) is already out of both counts.
-    if holding == 0 and _probe_in_checkout(probes):
-        queued = max(0, queued - 1)
-    return queued
+
+def _judge_late(probes: _PoolProbeState, result: ProbeResult, stall_seconds: float) -> ProbeResult:
+    """A probe that did not answer by its deadline says "slow", not "dead": ``saturated`` until the
+    pool has made no progress for the stall window, ``down`` (stalled) from then on."""
+    if result.status != "down" or result.error != "timeout":
+        return result
+    if _stalled(probes, stall_seconds):
+        return ProbeResult("down", None, "stalled", result.finished_at)
+    return ProbeResult("saturated", None, "timeout", result.finished_at)
 
 
 def read_state(recorder: PoolRecorder) -> PoolState:
@@ -310,47 +326,45 @@ def _fresh(result: ProbeResult | None, now: float, cache_seconds: float) -> bool
 async def _full_pool_result(
     recorder: PoolRecorder,
     probes: _PoolProbeState,
-    queued: int,
     deadline_at: float,
-    deadline: float,
     cache_seconds: float,
+    stall_seconds: float,
 ) -> ProbeResult:
-    """A pool with every connection out: probing would mean queueing, so watch the flow instead."""
+    """A pool with every slot taken: probing would mean queueing, so judge its progress instead."""
     now = monotonic()
-    joined: _Flight | None = None
+    queued = _others_pending(recorder, probes)
     with probes.lock:
-        if queued == 0:
-            cached = probes.result
-            if cached is not None and _fresh(cached, now, cache_seconds):
-                return cached
-            # The slot that fills the pool may be our own probe's: its answer is due by its deadline.
-            flight = probes.flight
-            if flight is not None and now < flight.deadline_at:
-                joined = flight
-    if joined is not None:
-        return await _await_flight(recorder, probes, joined, deadline_at)
-    if await _watch_flow(recorder, probes, deadline_at, deadline):
-        return ProbeResult("saturated" if queued else "ok", None, None, monotonic())
-    return ProbeResult("down", None, "stalled", monotonic())
+        if queued:
+            if probes.progress.verdict(now, stall_seconds) is False:
+                return ProbeResult("down", None, "stalled", now)
+            return ProbeResult("saturated", None, None, now)
+        flight = probes.flight
+        if flight is not None and now >= flight.deadline_at and not flight.done.done():
+            # The slot that fills the pool is our own probe's, and it is overdue: judged as late.
+            return _timeout(flight)
+        cached = probes.result
+        if cached is not None and _fresh(cached, now, cache_seconds):
+            return cached
+        moving = probes.progress.verdict(now, cache_seconds)
+    # Nobody queues: "ok" if anything moves within the deadline, else "saturated" (every connection
+    # out and nothing moving). Never "down": nobody is waiting on this pool.
+    if moving or await _watch_progress(recorder, probes, deadline_at):
+        return ProbeResult("ok", None, None, monotonic())
+    return ProbeResult("saturated", None, "no_progress", monotonic())
 
 
-async def _watch_flow(
-    recorder: PoolRecorder, probes: _PoolProbeState, deadline_at: float, window: float
-) -> bool:
-    """Whether the pool handed out a connection within ``window``, watching until ``deadline_at``."""
-    with probes.lock:
-        probes.flow.observe(recorder.checkouts, monotonic())
-        known = probes.flow.verdict(monotonic(), window)
-        start = probes.flow.count
-    if known is not None:
-        return known
-    # Reading an int is all this costs; a herd of checks each polls, none of them queues.
-    while recorder.checkouts == start and (remaining := deadline_at - monotonic()) > 0:
+async def _watch_progress(recorder: PoolRecorder, probes: _PoolProbeState, deadline_at: float) -> bool:
+    """Whether the pool makes any progress before ``deadline_at``; reading ints is all this costs,
+    and a herd of checks each polls, none of them queues."""
+    start = progress_signature(recorder)
+    while (remaining := deadline_at - monotonic()) > 0:
         await asyncio.sleep(min(_WATCH_EVERY, remaining))
-    count = recorder.checkouts
+        if progress_signature(recorder) != start:
+            break
+    signature = progress_signature(recorder)
     with probes.lock:
-        probes.flow.observe(count, monotonic())
-    return count != start
+        probes.progress.observe(signature, monotonic())
+    return signature != start
 
 
 async def _probe_result(
@@ -432,7 +446,7 @@ def _overrun_verdict(recorder: PoolRecorder, flight: _Flight) -> ProbeResult:
         # It was queued in the pool while others got connections: if the pool is still full,
         # that is a busy pool, not a dead database.
         state = read_state(recorder)
-        if state.max is not None and state.used >= state.max:
+        if state.max is not None and state.taken >= state.max:
             return ProbeResult("saturated", None, None, flight.deadline_at)
     return _timeout(flight)
 
@@ -510,11 +524,7 @@ def _checkout(pool: Pool) -> Any:
 def _ping(engine: Engine, recorder: PoolRecorder, dbapi_connection: Any) -> bool:
     dialect = engine.dialect
     # Through the class: the instance's do_ping is poolwatch's pre-ping counter.
-    alive = bool(type(dialect).do_ping(dialect, dbapi_connection))
-    if alive:
-        # poolwatch's own checkout: the one place it may ask the server something (server_limit).
-        read_if_due(recorder, dialect, dbapi_connection)
-    return alive
+    return bool(type(dialect).do_ping(dialect, dbapi_connection))
 
 
 def _discard(fairy: Any) -> None:

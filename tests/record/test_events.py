@@ -30,6 +30,7 @@ from poolwatch._record.events import (
     LeakReturned,
     PoolTimeout,
     SlowQuery,
+    shown_path,
 )
 from tests.fake_dbapi import engine_for_test
 
@@ -80,7 +81,7 @@ def test_a_leak_and_its_return_reach_the_sink_as_typed_events(sink: ListSink) ->
     assert (leak.pool, leak.route, leak.threshold_seconds) == ("leaky", "<none>", 0.05)
     assert leak.seconds_held >= 0.05 and leak.stack is None
     assert leak.function == "test_a_leak_and_its_return_reach_the_sink_as_typed_events"
-    assert leak.site.startswith(__file__ + ":")
+    assert leak.site.startswith(shown_path(__file__) + ":")
     assert (returned.pool, returned.site, returned.function) == ("leaky", leak.site, leak.function)
     assert returned.seconds_held >= leak.seconds_held
     with pytest.raises(dataclasses.FrozenInstanceError):
