@@ -113,10 +113,16 @@ class Middleware:
             self._place_request_scope(scope)
         kind = scope["type"]
         if kind == "http":
-            endpoint = self._own_endpoint(scope)
+            # ``_own_endpoint``, written out: a call less on every request.
+            path = route_path(scope) if scope.get("root_path") else scope["path"]
+            endpoint = self._endpoints.get(path)
             if endpoint is not None:
-                await endpoint(scope, receive, send)
-                return
+                owned = self._app_owns.get(path)
+                if owned is None:
+                    owned = self._app_owns[path] = self._application_serves(scope, path)
+                if not owned:
+                    await endpoint(scope, receive, send)
+                    return
         elif kind != "websocket":
             await self.app(scope, receive, send)
             return
