@@ -26,9 +26,11 @@ errors, as everywhere in poolwatch.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import CodeType
@@ -37,7 +39,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 
 from ._capture.borrow_site import borrow_site
 from ._capture.engines import default_pool_name, root_engine, sync_engine_of
@@ -67,6 +69,8 @@ _logs: tuple[QueryLog, ...] = ()
 _engine_flag_before: object = None
 
 _POOL_EVENTS = ("checkout", "checkin", "detach")
+# Pools that hand one connection record to several checkouts at once.
+_SHARED_RECORD_POOLS = (StaticPool, SingletonThreadPool)
 
 
 def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -82,11 +86,22 @@ def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             fairy_ref=getattr(record, "fairy_ref", None),
             # The pool is private on both objects; the record's name is the one pool_hooks reads.
             pool=getattr(proxy, "_pool", None) or getattr(record, "_ConnectionRecord__pool", None),
+            task=_current_task(),
         )
         for guard in guards:
-            guard._checked_out(record, checkout)
+            guard._checked_out(record, checkout, proxy)
     except Exception as error:
         internal_errors.record("guard_checkout", error)
+
+
+def _current_task() -> weakref.ref[asyncio.Task[Any]] | None:
+    """The asyncio task taking the connection, if any (inside SQLAlchemy's greenlet too: the loop
+    and its current task are the thread's)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running event loop on this thread
+        return None
+    return None if task is None else weakref.ref(task)
 
 
 def _on_return(dbapi_connection: Any, record: Any) -> None:
@@ -188,6 +203,8 @@ class _Checkout:
     request: RequestContext | None
     fairy_ref: Any  # weakref to the connection the application held; dead once collected
     pool: Any
+    # The asyncio task that took it: one still running when the test returns holds it past the test.
+    task: weakref.ref[asyncio.Task[Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +223,16 @@ class Leak:
     function: str
     route: str | None  # ``GET /users/{user_id}``; None outside a request or without the middleware
     pool: str
+    # The name of the asyncio task that still held it, running, when the test returned (the loop's
+    # shutdown may have cancelled it since, which returned the connection); None otherwise.
+    task: str | None = None
+    # Still checked out when the guard looked (else returned since, by the task's cancellation).
+    still_out: bool = True
 
     def __str__(self) -> str:
         route = f", route {self.route}" if self.route else ""
-        return f"taken at {self.site} in {self.function}{route} (pool {self.pool})"
+        task = f", by task {self.task!r}" if self.task else ""
+        return f"taken at {self.site} in {self.function}{route}{task} (pool {self.pool})"
 
 
 def _route_of(request: RequestContext | None) -> str | None:
@@ -250,8 +273,12 @@ class PoolGuard:
     """
 
     def __init__(self) -> None:
+        # Keyed by the connection record, or for a pool that hands one record to several checkouts
+        # at once (StaticPool, SingletonThreadPool) by the id of each checkout's proxy.
         self._open: dict[Any, _Checkout] = {}
         self._reclaimed: list[_Checkout] = []
+        # Checkouts an asyncio task still held, running, when the test returned.
+        self._held_by_tasks: list[tuple[_Checkout, str]] = []
         self._engines: tuple[Engine, ...] | None = None
         self._running = False
 
@@ -284,6 +311,18 @@ class PoolGuard:
         _remove_guard(self)
         self._running = False
 
+    def test_returned(self) -> None:
+        """Note the checkouts that asyncio tasks still running hold as the test function returns.
+
+        The event loop's shutdown (pytest-asyncio's, at fixture teardown) cancels such a task,
+        which returns its connection before ``leaks()`` looks; the connection outlived the test
+        all the same, so it is a leak.
+        """
+        for checkout in list(self._open.copy().values()):
+            task = None if checkout.task is None else checkout.task()
+            if task is not None and not task.done():
+                self._held_by_tasks.append((checkout, task.get_name()))
+
     def leaks(self) -> list[Leak]:
         """Connections taken while the guard ran and not returned to their pool."""
         still_open = list(self._open.copy().values())
@@ -294,9 +333,13 @@ class PoolGuard:
         reclaimed = self._reclaimed.copy()
         dead = [c for c in still_open if c.fairy_ref is not None and c.fairy_ref() is None]
         alive = [c for c in still_open if not any(c is d for d in dead)]
-        return [self._describe(c, reclaimed=False) for c in alive] + [
-            self._describe(c, reclaimed=True) for c in [*reclaimed, *dead]
-        ]
+        by_tasks = [(c, name) for c, name in self._held_by_tasks if not any(c is o for o in still_open)]
+        task_of = {id(c): name for c, name in self._held_by_tasks}
+        return (
+            [self._describe(c, reclaimed=False, task=task_of.get(id(c)), running=True) for c in alive]
+            + [self._describe(c, reclaimed=False, task=name, running=False) for c, name in by_tasks]
+            + [self._describe(c, reclaimed=True) for c in [*reclaimed, *dead]]
+        )
 
     def check(self) -> None:
         """Raise ``ConnectionLeaked`` naming every connection not returned so far."""
@@ -311,18 +354,62 @@ class PoolGuard:
         engines = self._engines
         return engines is None or any(engine.pool is pool for engine in engines)
 
-    def _checked_out(self, record: Any, checkout: _Checkout) -> None:
-        if self._watches(checkout.pool):
+    def _checked_out(self, record: Any, checkout: _Checkout, proxy: Any) -> None:
+        if not self._watches(checkout.pool):
+            return
+        if isinstance(checkout.pool, _SHARED_RECORD_POOLS) and proxy is not None:
+            self._checked_out_shared(checkout, proxy)
+        else:
             self._open[record] = checkout
+
+    def _checked_out_shared(self, checkout: _Checkout, proxy: Any) -> None:
+        """A checkout of a pool that shares its record among checkouts, followed by its proxy.
+
+        SQLAlchemy checks a shared record in once (when the first proxy closes), so the ``checkin``
+        event cannot say which checkout ended. The proxy's own ``_checkin`` (which ``close()``
+        calls) can: an instance attribute in front of it takes the entry out, and a weak reference
+        notices a proxy the garbage collector finalized without a close. Neither keeps the proxy
+        alive, so SQLAlchemy finalizes a lost one exactly when it would have.
+        """
+        key = id(proxy)
+        ref = weakref.ref(proxy, lambda _: self._gone(key, checkout))
+        checkout = _Checkout(checkout.site, checkout.request, ref, checkout.pool, checkout.task)
+        self._open[key] = checkout
+        previous = proxy.__dict__.get("_checkin")
+
+        def checkin(*args: Any, **kwargs: Any) -> None:
+            if self._open.get(key) is checkout:
+                self._open.pop(key, None)
+            held = ref()
+            if held is None:
+                return
+            if previous is None:
+                held.__dict__.pop("_checkin", None)
+                type(held)._checkin(held, *args, **kwargs)
+            else:
+                held.__dict__["_checkin"] = previous
+                previous(*args, **kwargs)
+
+        proxy.__dict__["_checkin"] = checkin
+
+    def _gone(self, key: int, checkout: _Checkout) -> None:
+        """A shared-record checkout's proxy was collected; never closed if it is still open."""
+        try:
+            if self._open.get(key) is checkout and self._open.pop(key, None) is checkout:
+                self._reclaimed.append(checkout)
+        except Exception as error:
+            internal_errors.record("guard_gone", error)
 
     def _returned(self, record: Any) -> None:
         checkout = self._open.pop(record, None)
-        if checkout is None:  # taken before the guard started, or not a watched pool
+        if checkout is None:  # taken before the guard started, not watched, or a shared record
             return
         if checkout.fairy_ref is not None and checkout.fairy_ref() is None:
             self._reclaimed.append(checkout)
 
-    def _describe(self, checkout: _Checkout, *, reclaimed: bool) -> Leak:
+    def _describe(
+        self, checkout: _Checkout, *, reclaimed: bool, task: str | None = None, running: bool = False
+    ) -> Leak:
         site, function = describe_site(checkout.site)
         return Leak(
             reclaimed=reclaimed,
@@ -330,6 +417,8 @@ class PoolGuard:
             function=function,
             route=_route_of(checkout.request),
             pool=self._pool_name(checkout.pool),
+            task=task,
+            still_out=running,
         )
 
     def _pool_name(self, pool: Any) -> str:
@@ -342,12 +431,19 @@ class PoolGuard:
 
 
 def leak_message(leaks: list[Leak]) -> str:
-    held = [leak for leak in leaks if not leak.reclaimed]
+    held = [leak for leak in leaks if not leak.reclaimed and leak.still_out]
+    by_tasks = [leak for leak in leaks if not leak.reclaimed and not leak.still_out]
     reclaimed = [leak for leak in leaks if leak.reclaimed]
     lines = []
     if held:
         lines.append(f"{_connections(len(held))} still checked out at the end of the test:")
         lines += [f"  - {leak}" for leak in held]
+    if by_tasks:
+        lines.append(
+            f"{_connections(len(by_tasks))} held by an asyncio task still running when the test "
+            "returned (cancelled since by the event loop's shutdown, which returned it):"
+        )
+        lines += [f"  - {leak}" for leak in by_tasks]
     if reclaimed:
         lines.append(f"{_connections(len(reclaimed))} never returned, reclaimed by the garbage collector:")
         lines += [f"  - {leak}" for leak in reclaimed]

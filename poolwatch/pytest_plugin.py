@@ -49,6 +49,17 @@ def poolwatch_guard(request: pytest.FixtureRequest) -> Iterator[PoolGuard]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
+    try:
+        return (yield from _run_with_budget(item))
+    finally:
+        # As the test function returns: note connections that asyncio tasks still running hold
+        # (the loop's shutdown at fixture teardown would cancel them and return them unseen).
+        guard = item.stash.get(_GUARD, None)
+        if guard is not None:
+            guard.test_returned()
+
+
+def _run_with_budget(item: pytest.Item) -> Generator[None, Any, Any]:
     marker = item.get_closest_marker("max_queries")
     if marker is None:
         return (yield)

@@ -198,14 +198,17 @@ def test_no_checkout_age_is_ever_negative_under_churn(
         with ThreadPoolExecutor(3) as churners:
             for _ in range(3):
                 churners.submit(churn)
-            for _ in range(20_000):
-                ages.append(recorder.live_checkouts().oldest_age)
+            # Reads that found a checkout out: 20,000 of them, or as many as a minute gives.
+            until = time.monotonic() + 60
+            while len(ages) < 20_000 and time.monotonic() < until:
+                live = recorder.live_checkouts()
+                if live.count:
+                    ages.append(live.oldest_age)
             stop.set()
     finally:
         sys.setswitchinterval(interval)
-    assert len(ages) == 20_000
+    assert len(ages) >= 1_000, "the churn was hardly seen"
     assert min(ages) >= 0.0
-    assert max(ages) > 0.0  # the churn was seen at all
     engine.dispose()
 
 
@@ -260,12 +263,12 @@ def test_the_timeout_note_names_queued_callers_and_the_oldest_holder(
         futures = [callers.submit(lambda: engine.connect().close()) for _ in range(2)]
         wait_until(lambda: recorder.queued == 2, 10, "two never queued")
         # A third caller gives up behind them (a short timeout for this one call).
-        engine.pool._timeout = 0.1
+        engine.pool._timeout = 0.1  # type: ignore[attr-defined]
         try:
             with pytest.raises(sa_exc.TimeoutError) as caught:
                 engine.connect()
         finally:
-            engine.pool._timeout = 30
+            engine.pool._timeout = 30  # type: ignore[attr-defined]
         first.close()
         second.close()
         for future in futures:
