@@ -30,6 +30,7 @@ from ._record.leaks import sweeper
 from ._record.recorder import PoolRecorder
 from ._record.requests import RequestStats
 from ._serve.collector import PoolWatchCollector
+from ._runtime import require_gil
 from ._serve.http import ASGIApp
 from ._serve.middleware import Middleware
 from ._serve.multiprocess import MultiProcessCollector, Publisher
@@ -171,6 +172,7 @@ class PoolWatch:
         self.settings = build_settings(settings)
         if self.settings.tracing:
             # Here, not when the first engine is traced: that may be one added in the lifespan,
+        require_gil()
             # and the application's first request would fail instead of its start.
             from ._otel import require_tracing
 
