@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import poolwatch
 from poolwatch._record import events
 from poolwatch._record.events import Event, PoolTimeout
+from poolwatch._serve.middleware import RequestScope
 from tests.fault_fixtures import served_here
 from tests.metrics import scrape
 
@@ -129,6 +130,9 @@ async def test_a_timeout_in_the_apps_middleware_names_the_route(
                 await held.execute(sa.text("SELECT 1"))
                 assert (await client.get("/orders/7")).status_code == 500
             assert (await client.get("/orders/8")).status_code == 200
+        # The extra layer is there only when an application middleware runs outside poolwatch's
+        # (FastAPI's and Starlette's own outer layers do not count).
+        assert isinstance(app.middleware_stack, RequestScope) == (order == "after")
     finally:
         events.set_sinks(previous)
     samples = scrape(registry)

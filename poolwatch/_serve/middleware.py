@@ -233,8 +233,11 @@ class Middleware:
 # The middleware whose RequestScope set the current request's context, if one did.
 _scoped_by: ContextVar[Middleware | None] = ContextVar("poolwatch_scoped_by", default=None)
 
-# Starlette's own outermost layers: they run no application code before the request goes on.
-_STARLETTE_OUTER = frozenset(("ServerErrorMiddleware", "RequestBodyLimitMiddleware"))
+# Frameworks whose own layers run no application code before the request goes on (Starlette's
+# error and body-limit layers, FastAPI's telemetry and body-limit ones; CORS, GZip), except the
+# layer that runs an ``@app.middleware("http")`` function.
+_FRAMEWORKS = ("starlette", "fastapi")
+_RUNS_APPLICATION_CODE = "BaseHTTPMiddleware"
 
 
 def _outside_of(stack: ASGIApp, middleware: Middleware) -> bool:
@@ -244,7 +247,8 @@ def _outside_of(stack: ASGIApp, middleware: Middleware) -> bool:
     for _ in range(64):
         if layer is middleware:
             return False
-        if type(layer).__name__ not in _STARLETTE_OUTER:
+        kind = type(layer)
+        if kind.__module__.partition(".")[0] not in _FRAMEWORKS or kind.__name__ == _RUNS_APPLICATION_CODE:
             return True
         layer = getattr(layer, "app", None)
         if layer is None:
