@@ -16,7 +16,6 @@ here runs on the application's hot path: the page costs only while it is open.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ from starlette.routing import Route
 import poolwatch
 from poolwatch._record.context import RequestContext, current_request
 from poolwatch._record.events import RECENT_EVENTS_KEPT, LeakDetected, SlowQuery, emit, set_sinks
-from poolwatch._serve.history import WINDOW_SECONDS, PoolHistory
+from poolwatch._record.intervals import LONG_ROW_INTERVALS, LONG_ROWS, RECENT_ROWS, sampler
 from poolwatch._serve.page import LivePage
 
 POOLS = ("primary", "replica", "analytics")
@@ -87,14 +86,17 @@ def hold(engines: dict[str, sa.Engine], requests: list[RequestContext], stack: E
 
 
 def prefill_history(page: LivePage) -> None:
-    """Five minutes of samples per pool, as a page open that long has: copies of the first one,
-    a second apart, so each answer carries a full history too."""
+    """A full history per pool, as a pool watched for hours has: the recent ring and the long ring
+    filled with copies of one sampled row, an interval apart, so each answer carries all of it."""
     for recorder in page.watch.recorders:
-        (first,) = page.builder.histories[recorder].samples()
-        history = page.builder.histories[recorder] = PoolHistory()
-        for back in range(int(WINDOW_SECONDS) - 10, 0, -1):
-            history.add(dataclasses.replace(first, at=first.at - back))
-        history.add(first)
+        intervals = sampler.of(recorder)
+        assert intervals is not None
+        row = intervals.sample(recorder)
+        long_row = row._replace(seconds=row.seconds * LONG_ROW_INTERVALS, intervals=LONG_ROW_INTERVALS)
+        for back in range(LONG_ROWS, 0, -1):
+            intervals.add(long_row._replace(end=row.end - back * long_row.seconds))
+        for back in range(RECENT_ROWS, 0, -1):
+            intervals.add(row._replace(end=row.end - back * sampler.interval))
 
 
 def measure(page: LivePage, iterations: int, cold: bool) -> tuple[list[float], list[float]]:
@@ -152,14 +154,15 @@ def main() -> None:
             "warm: read after read": measure(page, args.iterations, cold=False),
             "cold: nothing reused from the last read": measure(page, args.iterations, cold=True),
         }
-        kept = len(page.builder.histories[watch.recorders[0]].samples())
+        kept_intervals = sampler.of(watch.recorders[0])
+        kept = len(kept_intervals.recent) + len(kept_intervals.long) if kept_intervals is not None else 0
         stack.close()
         watch.close()
         for engine in engines.values():
             engine.dispose()
     print(
         f"\n{len(POOLS)} pools x {ROUTES} routes x {LIVE_PER_POOL} live checkouts per pool, "
-        f"{RECENT_EVENTS_KEPT} recent events, {kept} samples of history per pool; answer "
+        f"{RECENT_EVENTS_KEPT} recent events, {kept} rows of history per pool; answer "
         f"{len(body):,} bytes of JSON; {args.iterations} answers each. Goal: {TARGET_MS:.0f} ms.\n"
     )
     rows = [row(label, wall, cpu) for label, (wall, cpu) in results.items()]

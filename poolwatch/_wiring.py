@@ -26,6 +26,7 @@ from ._capture.listeners import EngineListeners
 from ._capture.pool_hooks import hook_pool, recorder_of, unhook_pool
 from ._log import logger
 from ._record.events import remember_application_root
+from ._record.intervals import sampler as interval_sampler
 from ._record.leaks import sweeper
 from ._record.recorder import PoolRecorder
 from ._record.requests import RequestStats
@@ -56,12 +57,14 @@ class _Instrumented:
         hook_dialect(engine.dialect, self.recorder, settings.slow_query_seconds)
         self.listeners.install(engine)
         sweeper.add(self.recorder)
+        interval_sampler.add(self.recorder)
         self.traced = settings.tracing
         if self.traced:
             _enable_spans(engine)
 
     def release(self, engine: Engine) -> None:
         sweeper.discard(self.recorder)
+        interval_sampler.discard(self.recorder)
         if self.traced:
             from ._otel import disable_statement_spans
 

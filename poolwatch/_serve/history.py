@@ -1,133 +1,104 @@
-"""The live page's memory: a few minutes of each pool, sampled while someone reads the page.
+"""The live page's history of a pool, read from the interval sampler's rows (``_record.intervals``).
 
-Nothing here runs unless ``/poolwatch/state`` is read, so a service nobody looks at keeps nothing.
-Samples are taken at most about once a second (two open tabs do not double the work) and those older
-than the window fall off; the deque's bound caps the memory whatever the clock does.
-
-Only readers of the page touch a history, never the checkout or checkin path, so its plain lock is
-safe from garbage-collector re-entry.
+The rows are kept from the moment the pool is watched, whether or not anyone reads the page, at a
+bounded size. What the page builds from them (the charted series as JSON numbers, the window's and
+the kept history's totals) changes once per row, so it is built once per row and reused by every
+read in between (several tabs may read each second); what it builds from the long rows changes once
+per long row (a minute).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import deque
+import weakref
 from dataclasses import dataclass
 
-WINDOW_SECONDS = 300.0
-MIN_SPACING_SECONDS = 0.9
+from .._record.intervals import PoolIntervals, Row, joined, merge
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
-    """One pool at one instant: the gauges, and the counters that make rates over the window."""
+class LongView:
+    """The long rows at one long version: merged, and as JSON numbers without brackets."""
 
-    at: float  # time.monotonic()
-    used: int
-    idle: int
-    pending: int
-    checkouts: int
-    timeouts: int
-    wait_counts: tuple[int, ...]  # poolwatch_wait_seconds per bucket (not cumulative)
-    held_seconds: float  # sum of hold times of returned checkouts, every route
-    held_count: int  # how many returned checkouts that sum covers
+    long_version: int
+    merged: Row | None
+    ends: tuple[float, ...]
+    peak_used_json: str
+    peak_pending_json: str
+    mean_in_use_json: str
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryView:
-    """The kept samples as the page sends them, and the aggregates over them. Built once per kept
-    sample, not once per read (several tabs may read each second).
+    """The rows of one pool at one version, as the page sends them.
 
-    The charted series are kept as JSON number lists without their brackets (``"3,4,4"``): each
-    number is written once, when its sample is kept, and a view only joins them.
+    The charted series are JSON number lists without their brackets (``"3,4,4"``): a read only
+    joins them with the interval under way.
     """
 
-    samples: tuple[Sample, ...]
-    at: tuple[float, ...]
-    used_json: str
+    version: int
+    ends: tuple[float, ...]  # perf_counter() at the end of each recent row, oldest first
+    used_json: str  # checkouts out at each row's end
     idle_json: str
-    pending_json: str
-    ages_json: str  # whole seconds before the newest kept sample
-    peak_used: int
-    sum_used: int
-    max_pending: int
+    pending_json: str  # callers queued: the row's exact peak (a gauge read at its end would miss it)
+    peak_used_json: str
+    mean_used: float | None  # the mean of ``used`` over the recent rows
+    window: Row | None  # the recent rows as one
+    kept: Row | None  # every kept row as one (the long rows and the one being filled)
+    long: LongView
+    filling: Row | None  # the long row being filled: the long series' last point
 
 
-class PoolHistory:
-    def __init__(self, window: float = WINDOW_SECONDS, spacing: float = MIN_SPACING_SECONDS) -> None:
-        self.window = window
-        self.spacing = spacing
-        self._lock = threading.Lock()
-        bound = int(window / spacing) + 2
-        self._samples: deque[Sample] = deque(maxlen=bound)
-        # The charted columns, kept beside the samples (the series as JSON numbers) so that a view
-        # is a few C-level copies and joins.
-        self._at: deque[float] = deque(maxlen=bound)
-        self._used: deque[int] = deque(maxlen=bound)
-        self._pending: deque[int] = deque(maxlen=bound)
-        self._used_json: deque[str] = deque(maxlen=bound)
-        self._idle_json: deque[str] = deque(maxlen=bound)
-        self._pending_json: deque[str] = deque(maxlen=bound)
-        self._view: HistoryView | None = None
-
-    def add(self, sample: Sample) -> bool:
-        """Keep ``sample`` unless one was kept less than ``spacing`` ago; say whether it was kept."""
-        with self._lock:
-            samples = self._samples
-            columns = (
-                self._at, self._used, self._pending, self._used_json, self._idle_json, self._pending_json
-            )  # fmt: skip
-            if samples and sample.at - samples[-1].at < self.spacing:
-                return False
-            if samples and _went_back(samples[-1], sample):
-                # The counters started again (a new recorder under the same name): the old
-                # samples would make negative rates.
-                samples.clear()
-                for column in columns:
-                    column.clear()
-            samples.append(sample)
-            self._at.append(sample.at)
-            self._used.append(sample.used)
-            self._pending.append(sample.pending)
-            self._used_json.append(str(int(sample.used)))
-            self._idle_json.append(str(int(sample.idle)))
-            self._pending_json.append(str(int(sample.pending)))
-            horizon = sample.at - self.window
-            while samples and samples[0].at < horizon:
-                samples.popleft()
-                for column in columns:
-                    column.popleft()
-            self._view = None
-            return True
-
-    def samples(self) -> list[Sample]:
-        with self._lock:
-            return list(self._samples)
-
-    def forget_view(self) -> None:
-        with self._lock:
-            self._view = None
-
-    def view(self) -> HistoryView:
-        with self._lock:
-            view = self._view
-            if view is None:
-                at = tuple(self._at)
-                newest = at[-1] if at else 0.0
-                used, pending = tuple(self._used), tuple(self._pending)
-                view = self._view = HistoryView(
-                    samples=tuple(self._samples),
-                    at=at,
-                    used_json=",".join(self._used_json),
-                    idle_json=",".join(self._idle_json),
-                    pending_json=",".join(self._pending_json),
-                    ages_json=",".join([str(int(newest - t + 0.5)) for t in at]),
-                    peak_used=max(used, default=0),
-                    sum_used=sum(used),
-                    max_pending=max(pending, default=0),
-                )
-            return view
+_NO_LONG = LongView(-1, None, (), "", "", "")
 
 
-def _went_back(before: Sample, after: Sample) -> bool:
-    return after.checkouts < before.checkouts or after.held_count < before.held_count
+class HistoryViews:
+    """The latest view of each pool's rows, rebuilt when a row is added."""
+
+    def __init__(self) -> None:
+        self._views: weakref.WeakKeyDictionary[PoolIntervals, HistoryView] = weakref.WeakKeyDictionary()
+
+    def forget(self) -> None:
+        self._views = weakref.WeakKeyDictionary()
+
+    def view(self, intervals: PoolIntervals) -> HistoryView:
+        known = self._views.get(intervals)
+        if known is not None and known.version == intervals.version:
+            return known
+        known_long = known.long if known is not None else _NO_LONG
+        version, recent, filling, long_version, long_rows = intervals.rows(known_long.long_version)
+        long = known_long if long_rows is None else _long_view(long_version, long_rows)
+        if long.merged is None:
+            kept = filling
+        else:
+            kept = long.merged if filling is None else joined(long.merged, filling)
+        view = HistoryView(
+            version=version,
+            ends=tuple([row.end for row in recent]),
+            used_json=",".join([str(row.used) for row in recent]),
+            idle_json=",".join([str(row.idle) for row in recent]),
+            pending_json=",".join([str(row.peak_queued) for row in recent]),
+            peak_used_json=",".join([str(row.peak_used) for row in recent]),
+            mean_used=sum([row.used for row in recent]) / len(recent) if recent else None,
+            window=merge(recent),
+            kept=kept,
+            long=long,
+            filling=filling,
+        )
+        self._views[intervals] = view
+        return view
+
+
+def _long_view(long_version: int, rows: tuple[Row, ...]) -> LongView:
+    return LongView(
+        long_version=long_version,
+        merged=merge(rows),
+        ends=tuple([row.end for row in rows]),
+        peak_used_json=",".join([str(row.peak_used) for row in rows]),
+        peak_pending_json=",".join([str(row.peak_queued) for row in rows]),
+        mean_in_use_json=",".join([mean_in_use_text(row) for row in rows]),
+    )
+
+
+def mean_in_use_text(row: Row) -> str:
+    """The row's mean checkouts out (connection-seconds held per second) as a JSON number."""
+    return f"{row.held / row.seconds:.2f}" if row.seconds > 0 else "0"

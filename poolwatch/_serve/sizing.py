@@ -1,9 +1,28 @@
-"""Whether a pool looks too small, too big or right, from what the live page saw, and why.
+"""Whether a pool looks too small, too big or right, from the interval sampler's rows, and why.
 
-Little's law gives the mean number of connections in use: checkouts per second times the mean hold
-time, which is the same as connection-seconds held per second of the window. The peak in use, the
-callers that queued, the wait p95 and the timeouts tell whether bursts fit. The verdict is a plain
-sentence a person can act on; the numbers behind it go alongside in the JSON.
+Every number the verdict uses is exact, none sampled: the peak in use and the largest queue come
+from a compare on every checkout and every queue entry (``PoolRecorder.take_peaks``), and the mean in
+use is the connection-seconds held *inside* the window, checkouts still out included, divided by its
+length (Little's L, measured rather than estimated as lambda times W). So a burst shorter than any
+sample shows at its full height, and one long checkout counts only the part of it inside the window.
+
+The rules, in order (the first that applies gives the verdict):
+
+1. ``unbounded``: the pool class has no limit (NullPool, StaticPool, ...).
+2. ``unknown``: fewer than ``MIN_INTERVALS`` complete intervals watched, or no connection taken in
+   the window. The verdict says so rather than guess.
+3. ``too_small``: a checkout timed out in the window.
+4. ``too_small``: callers queued for a free slot in the window (the pool was full, exactly).
+5. ``right`` otherwise, unless all of these hold, which makes it ``too_big``: at least
+   ``MIN_INTERVALS_TOO_BIG`` intervals watched, a limit above 2, the peak in use over everything
+   kept (up to 6 h, not only the window) at most half the limit, nobody queued and nothing timed out
+   in all that time.
+
+It never says ``too_small`` when nobody queued or timed out (then every caller got a connection at
+once), however high the mean: a pool busy on average but never full has room, and more connections
+would only sit idle. A suggested limit is never below the exact peak: growing suggests at least the
+limit plus one and the peak plus the largest queue; shrinking suggests half again the longest peak
+kept, and at least twice the mean in use.
 """
 
 from __future__ import annotations
@@ -14,30 +33,50 @@ from typing import Literal
 
 Verdict = Literal["too_small", "too_big", "right", "unknown", "unbounded"]
 
-# Less watched than this and there is nothing to say; "too big" wants a longer look, since a quiet
-# half minute says little about the peak hour.
-MIN_SECONDS = 10.0
-MIN_SECONDS_TOO_BIG = 30.0
-# A p95 wait above this on a full pool means callers queue for connections, not just connect.
-QUEUEING_WAIT_SECONDS = 0.01
-# Mean use above this share of the limit leaves no room for bursts.
+# Fewer complete intervals than this (10 s at the default 1 s) and there is nothing to say;
+# "too big" wants a longer look (30 s here, and the whole kept history's peak besides).
+MIN_INTERVALS = 10
+MIN_INTERVALS_TOO_BIG = 30
+# Mean use above this share of the limit is called out in a "right" verdict: bursts will fill it.
 BUSY_SHARE = 0.8
 
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """What the page saw of one pool over its history window."""
+    """One pool over the verdict's window (the recent rows and the interval under way), and the
+    extremes of everything kept for it."""
 
     seconds: float
+    intervals: int  # complete sampler intervals in the window
+    interval_seconds: float
     checkouts: int
     timeouts: int
-    wait_p95: float | None  # seconds; None without any checkout in the window
-    checkout_rate: float  # returned checkouts per second (Little's lambda)
-    mean_hold: float | None  # seconds per returned checkout (Little's W)
-    mean_in_use: float  # lambda * W: connection-seconds held per second
-    peak_used: int
-    mean_used: float  # the mean of the sampled gauge, beside Little's
-    max_pending: int
+    wait_p95: float | None  # seconds; None without any wait in the window
+    held_seconds: float  # connection-seconds held inside the window, checkouts still out included
+    peak_used: int  # exact
+    max_pending: int  # exact: the most callers queued for a free slot at once
+    mean_used: float  # the mean of the checkouts out at each interval's end, beside Little's
+    # Everything kept (the long rows too): "too big" must hold for all of it.
+    kept_seconds: float
+    kept_peak_used: int
+    kept_max_pending: int
+    kept_timeouts: int
+
+    @property
+    def mean_in_use(self) -> float:
+        """Little's L: connection-seconds held per second of the window."""
+        return self.held_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def checkout_rate(self) -> float:
+        """Little's lambda: checkouts per second."""
+        return self.checkouts / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_hold(self) -> float | None:
+        """Little's W = L / lambda: the mean time a checkout of the window held its connection
+        inside it."""
+        return self.held_seconds / self.checkouts if self.checkouts else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +90,15 @@ def advise(limit: int | None, window: Window, leaked_now: int = 0) -> Sizing:
     """The hint for a pool of at most ``limit`` connections (None: a pool without a limit)."""
     if limit is None:
         return Sizing("unbounded", "this pool class has no connection limit, so there is nothing to size")
-    seconds = window.seconds
-    if seconds < MIN_SECONDS or (window.checkouts == 0 and window.peak_used == 0):
+    if window.intervals < MIN_INTERVALS:
         return Sizing(
             "unknown",
-            f"watched for {seconds:.0f} s with {window.checkouts} checkouts; the hint needs at least "
-            f"{MIN_SECONDS:.0f} s with traffic while this page is open",
+            f"watched for {window.seconds:.0f} s; the hint needs at least "
+            f"{MIN_INTERVALS * window.interval_seconds:.0f} s",
+        )
+    if window.peak_used == 0 and window.checkouts == 0 and window.max_pending == 0:
+        return Sizing(
+            "unknown", f"no connection was taken in the last {_duration(window.seconds)}: nothing to size yet"
         )
     law = _littles_law(window)
     leak_note = (
@@ -65,62 +107,60 @@ def advise(limit: int | None, window: Window, leaked_now: int = 0) -> Sizing:
         if leaked_now
         else ""
     )
-    span = _duration(seconds)
-    demand = max(window.mean_in_use * 1.5, window.peak_used + window.max_pending)
-    grow = max(limit + 1, math.ceil(demand))
+    span = _duration(window.seconds)
+    peak = window.peak_used
+    grow = max(limit + 1, peak + window.max_pending, math.ceil(window.mean_in_use * 1.5))
     if window.timeouts:
         return Sizing(
             "too_small",
             f"{window.timeouts} checkout(s) timed out in the last {span}: callers waited pool_timeout for "
-            f"one of the {limit} connections and gave up. {law}.{leak_note}",
+            f"one of the {limit} connections and gave up. Peak {peak} of {limit} in use, up to "
+            f"{window.max_pending} queued. {law}.{leak_note}",
             grow,
         )
-    wait = window.wait_p95
-    if window.peak_used >= limit and (
-        window.max_pending > 0 or (wait is not None and wait >= QUEUEING_WAIT_SECONDS)
-    ):
+    if window.max_pending > 0:
         return Sizing(
             "too_small",
-            f"all {limit} connections were in use and callers queued (up to {window.max_pending} waiting, "
-            f"wait p95 {_ms(wait)}) in the last {span}. {law}.{leak_note}",
+            f"callers queued for a free connection in the last {span} (up to {window.max_pending} at "
+            f"once, peak {peak} of {limit} in use, wait p95 {_ms(window.wait_p95)}). {law}.{leak_note}",
             grow,
         )
-    if window.mean_in_use >= BUSY_SHARE * limit:
-        return Sizing(
-            "too_small",
-            f"{law}, {window.mean_in_use / limit:.0%} of the limit of {limit}: the next burst will "
-            f"queue.{leak_note}",
-            grow,
-        )
+    kept_peak = max(window.kept_peak_used, peak)
     if (
-        seconds >= MIN_SECONDS_TOO_BIG
+        window.intervals >= MIN_INTERVALS_TOO_BIG
         and limit > 2
-        and window.peak_used * 2 <= limit
-        and window.max_pending == 0
-        and (wait is None or wait < QUEUEING_WAIT_SECONDS)
+        and kept_peak * 2 <= limit
+        and window.kept_max_pending == 0
+        and window.kept_timeouts == 0
     ):
-        shrink = max(2, math.ceil(max(window.peak_used * 1.5, window.mean_in_use * 2)))
+        shrink = max(2, kept_peak, math.ceil(kept_peak * 1.5), math.ceil(window.mean_in_use * 2))
         if shrink < limit:
+            kept = _duration(max(window.kept_seconds, window.seconds))
             return Sizing(
                 "too_big",
-                f"at most {window.peak_used} of {limit} connections were in use in the last {span} and "
-                f"nobody waited. {law}. The rest only hold database server slots; a limit of {shrink} "
-                "still leaves half again the peak.",
+                f"at most {kept_peak} of {limit} connections were in use at once in the last {kept}, "
+                f"and nobody queued. {law}. The rest only hold database server slots; a limit of "
+                f"{shrink} still leaves half again the peak.",
                 shrink,
             )
+    busy = (
+        f" On average {window.mean_in_use / limit:.0%} of the limit is in use: bursts will fill it."
+        if window.mean_in_use >= BUSY_SHARE * limit
+        else ""
+    )
     return Sizing(
         "right",
-        f"peak {window.peak_used} of {limit} in use, nobody timed out, wait p95 {_ms(wait)} in the last "
-        f"{span}. {law}: room for bursts without idle connections to spare.{leak_note}",
+        f"peak {peak} of {limit} in use, nobody queued or timed out in the last {span}. {law}.{busy}"
+        f"{leak_note}",
     )
 
 
 def _littles_law(window: Window) -> str:
-    if window.mean_hold is None:
-        return f"No checkout came back in the window; sampled mean in use {window.mean_used:.1f}"
+    mean_hold = window.mean_hold
+    hold = f" × {_ms(mean_hold)} mean hold" if mean_hold is not None else ""
     return (
-        f"Little's law: {window.checkout_rate:.1f} checkouts/s × {_ms(window.mean_hold)} mean hold = "
-        f"{window.mean_in_use:.1f} connections in use on average"
+        f"Little's law: {window.checkout_rate:.1f} checkouts/s{hold} = {window.mean_in_use:.1f} "
+        "connections in use on average"
     )
 
 
@@ -133,4 +173,8 @@ def _ms(seconds: float | None) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from .._record.context import NO_REQUEST, UNMATCHED, RequestContext
 from .._record.events import Event, describe_site, recent
 from .._record.histogram import HistogramCopy
+from .._record.intervals import LONG_ROW_INTERVALS, RECENT_ROWS, PoolIntervals, Row, joined, sampler
 from .collector import read_pool_state
-from .history import WINDOW_SECONDS, HistoryView, PoolHistory, Sample
+from .history import HistoryView, HistoryViews, mean_in_use_text
 from .sizing import Window, advise
 
 if TYPE_CHECKING:
@@ -48,10 +49,13 @@ quoted: Callable[[str], str] = encode_basestring_ascii
 
 
 class StateBuilder:
-    """Builds the JSON payload; keeps the pools' histories between reads."""
+    """Builds the JSON payload; keeps what it built from the pools' rows between reads."""
 
     def __init__(self) -> None:
-        self.histories: weakref.WeakKeyDictionary[PoolRecorder, PoolHistory] = weakref.WeakKeyDictionary()
+        self.histories = HistoryViews()
+        # Rows for a recorder the sampler does not know (its engine was released): none, so the
+        # page says "unknown" instead of guessing.
+        self._unsampled: weakref.WeakKeyDictionary[PoolRecorder, PoolIntervals] = weakref.WeakKeyDictionary()
         # Per pool: id(checkout entry) -> (entry, its row's fixed part as JSON).
         self._rows: weakref.WeakKeyDictionary[PoolRecorder, dict[int, tuple[tuple[Any, ...], str]]] = (
             weakref.WeakKeyDictionary()
@@ -73,11 +77,11 @@ class StateBuilder:
         for name, recorder in recorders:
             names.add(name)
             pools.append(self._pool(name, recorder, use_by_route))
-        queries = requests.snapshot() if requests is not None else {}
+        queries = requests.exact_snapshot() if requests is not None else {}
         head = {
             "format": FORMAT,
             "generated_at": round(now_wall, 3),
-            "window_seconds": WINDOW_SECONDS,
+            "window_seconds": RECENT_ROWS * sampler.interval,
             "routes_by_connection_time": _routes_by_connection_time(use_by_route),
             "routes_by_queries": _routes_by_queries(queries),
         }
@@ -89,8 +93,7 @@ class StateBuilder:
         costs what one costs when every checkout, event and sample is new since the last."""
         self._rows.clear()
         self._event_rows = {}
-        for history in list(self.histories.values()):
-            history.forget_view()
+        self.histories.forget()
 
     def _connections(self, recorder: PoolRecorder) -> tuple[int, list[str], float, int]:
         """How many checkouts are out now, a JSON row for each (oldest first, up to a bound), the
@@ -157,32 +160,18 @@ class StateBuilder:
         out, connections, oldest, leaked = self._connections(recorder)
         state = read_pool_state(recorder, out)
         pending = recorder.pending
-        now = time.monotonic()
-        held_seconds, held_count = _add_use(recorder, use_by_route)
-        wait = recorder.wait
-        sample = Sample(
-            at=now,
-            used=state.used,
-            idle=state.idle,
-            pending=pending,
-            checkouts=recorder.checkouts,
-            timeouts=sum(list(recorder.timeouts.values())),
-            wait_counts=tuple(wait.copy().counts),
-            held_seconds=held_seconds,
-            held_count=held_count,
-        )
-        history = self.histories.get(recorder)
-        if history is None:
-            history = self.histories[recorder] = PoolHistory()
-        kept = history.add(sample)
-        view = history.view()
-        # The reading of now, when too close to the last kept sample to be kept itself, still
-        # counts as the window's end and as the newest point of the chart.
-        now_extra = () if kept else (sample,)
-        window = _window(view, sample, now_extra, wait.bounds)
+        _add_use(recorder, use_by_route)
+        intervals = sampler.of(recorder)
+        if intervals is None:
+            intervals = self._unsampled.get(recorder)
+            if intervals is None:
+                intervals = self._unsampled[recorder] = PoolIntervals(recorder, sampler.interval)
+        view = self.histories.view(intervals)
+        # The interval under way ends the window and each series: exact up to this read.
+        current = intervals.current(recorder)
+        window = _window(view, current, intervals.interval, recorder.wait.bounds)
         pool = recorder.pool
         sizing = advise(state.max, window, leaked)
-        first = view.at[0]
         pool_json = encode(
             {
                 "name": name,
@@ -201,16 +190,25 @@ class StateBuilder:
                 },
                 "window": {
                     "seconds": round(window.seconds, 1),
-                    "since_seconds_ago": round(now - first, 1),
+                    "since_seconds_ago": round(window.seconds, 1),
+                    "interval_seconds": window.interval_seconds,
+                    "intervals": window.intervals,
                     "checkouts": window.checkouts,
                     "timeouts": window.timeouts,
                     "wait_p95_seconds": _round(window.wait_p95, 6),
                     "checkout_rate_per_second": round(window.checkout_rate, 3),
                     "mean_hold_seconds": _round(window.mean_hold, 6),
                     "mean_in_use": round(window.mean_in_use, 3),
+                    "held_connection_seconds": round(window.held_seconds, 3),
                     "mean_used_sampled": round(window.mean_used, 3),
                     "peak_used": window.peak_used,
                     "max_pending": window.max_pending,
+                },
+                "kept": {
+                    "seconds": round(window.kept_seconds, 1),
+                    "peak_used": window.kept_peak_used,
+                    "max_pending": window.kept_max_pending,
+                    "timeouts": window.kept_timeouts,
                 },
                 "sizing": {
                     "verdict": sizing.verdict,
@@ -221,68 +219,82 @@ class StateBuilder:
                 "connection_fields": CONNECTION_FIELDS,
             }
         )
-        series = _history_json(view, now, now_extra)
-        return f'{pool_json[:-1]},"history":{series},"connections":[{",".join(connections)}]}}'
+        series = _history_json(view, current)
+        long_series = _long_history_json(view, current, intervals.interval)
+        return (
+            f'{pool_json[:-1]},"history":{series},"history_long":{long_series},'
+            f'"connections":[{",".join(connections)}]}}'
+        )
 
 
-def _add_use(recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> tuple[float, int]:
-    """Totals of the hold-time histograms, added per route to ``use_by_route`` as well."""
-    held_seconds = 0.0
-    held_count = 0
+def _add_use(recorder: PoolRecorder, use_by_route: dict[str, list[float]]) -> None:
+    """Totals of the hold-time histograms, added per route to ``use_by_route``."""
     use = recorder.use
     # Keys, then values: both C-level copies, and routes are only ever added, so they pair up by
     # position (see the recorder's docstring).
     for (route, _method), histogram in zip(list(use), list(use.values()), strict=False):
         count = histogram.count
         total = histogram.total
-        held_seconds += total
-        held_count += count
         if count:
             totals = use_by_route.get(route)
             if totals is None:
                 totals = use_by_route[route] = [0.0, 0]
             totals[0] += total
             totals[1] += count
-    return held_seconds, held_count
 
 
-def _history_json(view: HistoryView, now: float, extra: tuple[Sample, ...]) -> str:
-    """``{"seconds_ago": [...], "used": [...], "idle": [...], "pending": [...]}``, oldest first."""
-    if extra:
-        # The reading of now, too close to the last kept sample to be kept, ends each series.
-        (last,) = extra
-        tails = (",0", f",{int(last.used)}", f",{int(last.idle)}", f",{int(last.pending)}")
-    else:
-        tails = ("", "", "", "")
-    # Read as the newest sample was kept (the usual case) the ages written with the view hold.
-    fresh = int(now - view.at[-1] + 0.5) == 0
-    ages = view.ages_json if fresh else ",".join([str(int(now - at + 0.5)) for at in view.at])
+def _history_json(view: HistoryView, current: Row) -> str:
+    """``{"seconds_ago": [...], "used": [...], "idle": [...], "pending": [...], "peak_used": [...]}``:
+    one point per interval, oldest first, the interval under way last (``seconds_ago`` 0).
+    ``pending`` and ``peak_used`` are each interval's exact peaks; ``used`` and ``idle`` the
+    pool at its end."""
+    now = current.end
+    ages = ",".join([*[str(int(now - end + 0.5)) for end in view.ends], "0"])
+    sep = "," if view.ends else ""
     return (
-        f'{{"seconds_ago":[{ages}{tails[0]}],"used":[{view.used_json}{tails[1]}],'
-        f'"idle":[{view.idle_json}{tails[2]}],"pending":[{view.pending_json}{tails[3]}]}}'
+        f'{{"seconds_ago":[{ages}],"used":[{view.used_json}{sep}{current.used}],'
+        f'"idle":[{view.idle_json}{sep}{current.idle}],'
+        f'"pending":[{view.pending_json}{sep}{current.peak_queued}],'
+        f'"peak_used":[{view.peak_used_json}{sep}{current.peak_used}]}}'
     )
 
 
-def _window(
-    view: HistoryView, last: Sample, extra: tuple[Sample, ...], wait_bounds: tuple[float, ...]
-) -> Window:
-    first = view.samples[0]
-    seconds = last.at - first.at
-    held = last.held_seconds - first.held_seconds
-    returned = last.held_count - first.held_count
-    waits = [b - a for a, b in zip(first.wait_counts, last.wait_counts, strict=True)]
-    count = len(view.samples) + len(extra)
+def _long_history_json(view: HistoryView, current: Row, interval: float) -> str:
+    """Everything kept, one point per long row (a minute at the default interval), oldest first;
+    the last point is the long row being filled, with the interval under way."""
+    now = current.end
+    long = view.long
+    filling = current if view.filling is None else joined(view.filling, current)
+    ages = ",".join([*[str(int(now - end + 0.5)) for end in long.ends], "0"])
+    sep = "," if long.ends else ""
+    return (
+        f'{{"row_seconds":{LONG_ROW_INTERVALS * interval!r},"seconds_ago":[{ages}],'
+        f'"peak_used":[{long.peak_used_json}{sep}{filling.peak_used}],'
+        f'"peak_pending":[{long.peak_pending_json}{sep}{filling.peak_queued}],'
+        f'"mean_in_use":[{long.mean_in_use_json}{sep}{mean_in_use_text(filling)}]}}'
+    )
+
+
+def _window(view: HistoryView, current: Row, interval: float, wait_bounds: tuple[float, ...]) -> Window:
+    """The verdict's window: the recent rows and the interval under way; and the kept history."""
+    window = current if view.window is None else joined(view.window, current)
+    kept = current if view.kept is None else joined(view.kept, current)
+    waits = list(window.waits)
     return Window(
-        seconds=seconds,
-        checkouts=last.checkouts - first.checkouts,
-        timeouts=last.timeouts - first.timeouts,
-        wait_p95=quantile(0.95, wait_bounds, waits),
-        checkout_rate=returned / seconds if seconds > 0 else 0.0,
-        mean_hold=held / returned if returned > 0 else None,
-        mean_in_use=held / seconds if seconds > 0 else 0.0,
-        peak_used=max(view.peak_used, *(s.used for s in extra)) if extra else view.peak_used,
-        mean_used=(view.sum_used + sum(s.used for s in extra)) / count,
-        max_pending=max(view.max_pending, *(s.pending for s in extra)) if extra else view.max_pending,
+        seconds=window.seconds,
+        intervals=window.intervals,
+        interval_seconds=interval,
+        checkouts=window.checkouts,
+        timeouts=window.timeouts,
+        wait_p95=quantile(0.95, wait_bounds, waits) if waits else None,
+        held_seconds=window.held,
+        peak_used=window.peak_used,
+        max_pending=window.peak_queued,
+        mean_used=view.mean_used if view.mean_used is not None else float(current.used),
+        kept_seconds=kept.seconds,
+        kept_peak_used=kept.peak_used,
+        kept_max_pending=kept.peak_queued,
+        kept_timeouts=kept.timeouts,
     )
 
 
@@ -367,24 +379,42 @@ def _routes_by_connection_time(use_by_route: dict[str, list[float]]) -> list[dic
     ]
 
 
-def _routes_by_queries(queries: dict[tuple[str, str], HistogramCopy]) -> list[dict[str, Any]]:
+def _routes_by_queries(
+    queries: dict[tuple[str, str], tuple[HistogramCopy, list[int]]],
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for (route, method), copy in queries.items():
+    for (route, method), (copy, exact) in queries.items():
         requests = sum(copy.counts)
         if not requests:
             continue
-        p95 = quantile(0.95, copy.bounds, copy.counts)
         rows.append(
             {
                 "route": route,
                 "method": method,
                 "requests": requests,
                 "queries_per_request": round(copy.total / requests, 2),
-                "queries_p95": None if p95 is None else math.ceil(p95),
+                "queries_p95": count_quantile(0.95, copy, exact),
             }
         )
     rows.sort(key=lambda row: row["queries_per_request"], reverse=True)
     return rows[:MAX_ROUTES]
+
+
+def count_quantile(q: float, copy: HistogramCopy, exact: list[int]) -> int | None:
+    """The q-quantile of statements per request: exact (the nearest rank, a number some request
+    really ran) when it falls among the counts kept per exact number (``RequestStats``); else
+    interpolated in the exported power-of-two buckets and rounded up."""
+    requests = sum(copy.counts)
+    if requests <= 0:
+        return None
+    rank = max(1, math.ceil(q * requests - 1e-9))
+    running = 0
+    for statements, count in enumerate(exact):
+        running += count
+        if running >= rank:
+            return statements
+    p95 = quantile(q, copy.bounds, copy.counts)
+    return None if p95 is None else math.ceil(p95)
 
 
 # -- events ----------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from starlette.responses import PlainTextResponse
 
 import poolwatch
 from poolwatch._record.events import RECENT_EVENTS_KEPT, GcReclaimed, LeakDetected, emit, recent
-from poolwatch._serve.history import PoolHistory, Sample
 from poolwatch._serve.sizing import Window, advise
 from poolwatch._serve.state import StateBuilder, quantile
 from tests.metrics import scrape
@@ -507,36 +506,17 @@ def test_the_json_never_holds_the_dsn(sync_url: str, registry: CollectorRegistry
 # -- history and window --------------------------------------------------------------------------
 
 
-def _sample(at: float, used: int = 1, checkouts: int = 0, held: float = 0.0, count: int = 0) -> Sample:
-    return Sample(at, used, 0, 0, checkouts, 0, (0, 0), held, count)
-
-
-def test_history_keeps_about_one_sample_a_second_for_the_window() -> None:
-    history = PoolHistory(window=10, spacing=1)
-    for tenth in range(300):
-        history.add(_sample(tenth / 10, checkouts=tenth))
-    samples = history.samples()
-    assert samples[-1].at == pytest.approx(29.9, abs=1)
-    assert all(b.at - a.at >= 1 for a, b in itertools.pairwise(samples))
-    assert samples[0].at >= samples[-1].at - 10
-    # Counters that went back (a new recorder) start the history again.
-    history.add(_sample(100, checkouts=0))
-    assert len(history.samples()) == 1
-
-
-def test_a_read_between_kept_samples_ends_each_series_with_now(
-    engine: sa.Engine, registry: CollectorRegistry
-) -> None:
+def test_each_series_ends_with_the_interval_under_way(engine: sa.Engine, registry: CollectorRegistry) -> None:
     watch = poolwatch.watch(engine, registry=registry, name="main")
     builder = StateBuilder()
     recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
     first = json.loads(builder.build(recorders, None))["pools"][0]["history"]
     with engine.connect():
-        # Read again at once: too soon to keep a sample, yet the chart ends with this reading.
         second = json.loads(builder.build(recorders, None))["pools"][0]["history"]
-    assert first == {"seconds_ago": [0], "used": [0], "idle": [0], "pending": [0]}
-    assert second["used"] == [0, 1] and second["seconds_ago"][-1] == 0
-    assert len(second["idle"]) == len(second["pending"]) == 2
+    # Read before the sampler ended any interval: the one under way is the only point, up to now.
+    assert first["seconds_ago"][-1] == 0 and first["used"][-1] == 0
+    assert second["used"][-1] == 1 and second["peak_used"][-1] == 1 and second["seconds_ago"][-1] == 0
+    assert len(second["idle"]) == len(second["pending"]) == len(second["seconds_ago"])
 
 
 def test_quantile_interpolates_like_prometheus() -> None:
@@ -553,15 +533,19 @@ def test_quantile_interpolates_like_prometheus() -> None:
 def _window(**values: Any) -> Window:
     base: dict[str, Any] = {
         "seconds": 120.0,
-        "checkouts": 1000,
+        "intervals": 120,
+        "interval_seconds": 1.0,
+        "checkouts": 960,
         "timeouts": 0,
         "wait_p95": 0.0005,
-        "checkout_rate": 8.0,
-        "mean_hold": 0.1,
-        "mean_in_use": 0.8,
+        "held_seconds": 96.0,  # 0.8 in use on average
         "peak_used": 4,
-        "mean_used": 0.9,
         "max_pending": 0,
+        "mean_used": 0.9,
+        "kept_seconds": 120.0,
+        "kept_peak_used": 4,
+        "kept_max_pending": 0,
+        "kept_timeouts": 0,
     }
     base.update(values)
     return Window(**base)
@@ -579,10 +563,14 @@ def test_sizing_says_too_small_when_a_full_pool_queues() -> None:
     assert hint.verdict == "too_small" and "callers queued" in hint.reason
 
 
-def test_sizing_says_too_small_when_littles_law_fills_the_pool() -> None:
-    hint = advise(5, _window(checkout_rate=50.0, mean_hold=0.09, mean_in_use=4.5, peak_used=4))
-    assert hint.verdict == "too_small"
-    assert "Little's law: 50.0 checkouts/s × 90.0 ms mean hold = 4.5 connections" in hint.reason
+def test_sizing_never_says_too_small_when_nobody_queued_or_timed_out() -> None:
+    # Busy on average (4.5 of 5 in use) and even full at its peak, yet every caller got a
+    # connection at once: more connections would sit idle.
+    for peak in (4, 5):
+        hint = advise(5, _window(checkouts=6000, held_seconds=540.0, peak_used=peak))
+        assert hint.verdict == "right", hint
+        assert "Little's law: 50.0 checkouts/s × 90.0 ms mean hold = 4.5 connections" in hint.reason
+        assert "bursts will fill it" in hint.reason
 
 
 def test_sizing_says_too_big_when_half_the_pool_never_moves() -> None:
@@ -592,16 +580,49 @@ def test_sizing_says_too_big_when_half_the_pool_never_moves() -> None:
 
 
 def test_sizing_says_right_and_why() -> None:
-    hint = advise(6, _window(peak_used=4, mean_in_use=2.0))
+    hint = advise(6, _window(peak_used=4, held_seconds=240.0))
     assert hint.verdict == "right" and "peak 4 of 6" in hint.reason
 
 
 def test_sizing_waits_for_data_and_knows_unbounded_pools() -> None:
-    assert advise(10, _window(seconds=3)).verdict == "unknown"
-    assert advise(10, _window(checkouts=0, peak_used=0)).verdict == "unknown"
+    short = advise(10, _window(seconds=9.9, intervals=9))
+    assert short.verdict == "unknown" and "needs at least 10 s" in short.reason
+    assert advise(10, _window(checkouts=0, peak_used=0, held_seconds=0.0)).verdict == "unknown"
     assert advise(None, _window()).verdict == "unbounded"
 
 
 def test_sizing_puts_leaks_before_a_bigger_pool() -> None:
     hint = advise(5, _window(timeouts=1), leaked_now=2)
     assert "2 connection(s) are held past the leak threshold" in hint.reason
+
+
+def test_sizing_never_shrinks_below_a_peak_seen_earlier_in_the_kept_history() -> None:
+    # Quiet for the last five minutes, but 12 of 20 were in use an hour ago: shrinking to 6
+    # would have queued that hour.
+    assert advise(20, _window(peak_used=4, kept_peak_used=12, kept_seconds=3600.0)).verdict == "right"
+    hint = advise(20, _window(peak_used=4, kept_peak_used=6, kept_seconds=3600.0))
+    assert hint.verdict == "too_big" and hint.suggested_max == 9 and "in the last 60.0 min" in hint.reason
+    # Someone queued (or timed out) earlier: never "too big".
+    assert advise(20, _window(peak_used=4, kept_max_pending=1)).verdict == "right"
+    assert advise(20, _window(peak_used=4, kept_timeouts=1)).verdict == "right"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 10, 20, 50])
+def test_a_suggested_limit_is_never_below_the_exact_peak(limit: int) -> None:
+    for peak, pending, timeouts, mean in itertools.product(
+        range(limit + 1), (0, 1, 7), (0, 2), (0.0, 0.3, 0.9)
+    ):
+        window = _window(
+            peak_used=peak,
+            kept_peak_used=peak,
+            max_pending=pending,
+            timeouts=timeouts,
+            held_seconds=mean * peak * 120.0,
+        )
+        hint = advise(limit, window)
+        if hint.suggested_max is not None:
+            assert hint.suggested_max >= peak, (limit, peak, pending, timeouts, mean, hint)
+        if hint.verdict == "too_small":
+            assert pending or timeouts, hint
+        if hint.verdict == "too_big":
+            assert peak * 2 <= limit and not pending and not timeouts, hint
