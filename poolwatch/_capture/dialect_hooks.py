@@ -145,6 +145,9 @@ class _StatementTimer:
                     except AttributeError:  # a context that is not SQLAlchemy's default one
                         connection_record = None
                     entry = open_checkouts.get(connection_record)
+                    if entry is None:
+                        # A pool that shares one record among checkouts keys them by their proxy.
+                        entry = open_checkouts.get(id(context._dbapi_connection))
                     if entry is not None:
                         usage = entry[7]
                         usage[0] += 1
@@ -189,6 +192,8 @@ def _query_failed(
             except AttributeError:  # a context that is not SQLAlchemy's default one
                 connection_record = None
             entry = recorder.open_checkouts.get(connection_record)
+            if entry is None:
+                entry = recorder.open_checkouts.get(id(getattr(context, "_dbapi_connection", None)))
             if entry is not None:
                 usage = entry[7]
                 usage[0] += 1

@@ -203,12 +203,39 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
 def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
     """Count the callers blocked in the pool's queue for a free slot (``pending``).
 
-    ``QueuePool._do_get`` asks its queue with ``block=True`` only once the pool is at its limit;
-    a non-blocking ask, opening a connection and pre-pinging one are not queueing.
+    ``QueuePool`` waits for a free slot only inside its queue's ``not_empty.wait()``, which runs
+    only when the queue is empty: hooking that wait counts exactly the queued callers and costs the
+    checkouts that find a connection nothing. A non-blocking ask, opening a connection and
+    pre-pinging one are not queueing. The asyncio queue (``AsyncAdaptedQueue``) has no such seam
+    of its own, so its blocking ``get`` is wrapped instead, and a free connection is taken without
+    counting.
     """
     queue = pool.__dict__.get("_pool")
+    if queue is None or not hasattr(queue, "__dict__"):
+        return
+    condition = getattr(queue, "not_empty", None)
+    if (
+        condition is not None
+        and hasattr(condition, "__dict__")
+        and callable(getattr(condition, "wait", None))
+    ):
+        original_wait = condition.wait
+
+        def queued_wait(timeout: float | None = None) -> Any:
+            # No call between the count and its peak: both stay exact (``take_peaks``).
+            recorder.queued += 1
+            if recorder.queued > recorder.peak_queued:
+                recorder.peak_queued = recorder.queued
+            try:
+                return original_wait(timeout)
+            finally:
+                recorder.queued -= 1
+
+        condition.wait = queued_wait
+        queue.__dict__[_QUEUE_MARK] = ("not_empty", condition)
+        return
     get = getattr(queue, "get", None)
-    if queue is None or not callable(get) or not hasattr(queue, "__dict__"):
+    if not callable(get):
         return
     original_get = get
 
@@ -220,7 +247,6 @@ def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
             return original_get(False)
         except Empty:
             pass
-        # No call between the count and its peak: both stay exact (``take_peaks``).
         recorder.queued += 1
         if recorder.queued > recorder.peak_queued:
             recorder.peak_queued = recorder.queued
@@ -230,14 +256,15 @@ def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
             recorder.queued -= 1
 
     queue.get = queued_get
-    queue.__dict__[_QUEUE_MARK] = recorder
+    queue.__dict__[_QUEUE_MARK] = ("get", queue)
 
 
 def _unhook_queue(pool: Pool) -> None:
     queue = pool.__dict__.get("_pool")
-    if queue is not None and getattr(queue, "__dict__", {}).get(_QUEUE_MARK) is not None:
-        queue.__dict__.pop("get", None)
-        queue.__dict__.pop(_QUEUE_MARK, None)
+    hooked = getattr(queue, "__dict__", {}).pop(_QUEUE_MARK, None)
+    if hooked is not None:
+        name, target = hooked
+        target.__dict__.pop("wait" if name == "not_empty" else "get", None)
 
 
 def _checkout_shared(recorder: PoolRecorder, fairy: Any, entry: tuple[Any, ...]) -> None:

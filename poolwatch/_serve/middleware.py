@@ -91,10 +91,8 @@ class Middleware:
         if config.ui != "never":
             # The live page is served on the app's port even in sidecar mode: it is for a person
             # with a browser, who reaches the service, not the metrics port.
-            page = LivePage(watch)
-            page_path, state_path = page.paths
-            candidates[page_path] = page.page
-            candidates[state_path] = page.state
+            # The page with and without a trailing slash, and its JSON.
+            candidates.update(LivePage(watch).endpoints())
         self._endpoints: dict[str, Endpoint] = {
             path: endpoint for path, endpoint in candidates.items() if path is not None
         }
@@ -195,7 +193,7 @@ class Middleware:
             setting = next(
                 (name for name in ("metrics_path", "health_db_path", "health_live_path")
                  if getattr(settings, name) == path),
-                "ui_path" if path in (settings.ui_path, settings.ui_path + "/state") else "metrics_path",
+                "ui_path" if path.rstrip("/") in (settings.ui_path, settings.ui_path + "/state") else "metrics_path",
             )  # fmt: skip
             logger.warning(
                 "poolwatch.path_taken",

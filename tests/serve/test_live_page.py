@@ -357,11 +357,6 @@ def test_the_page_answers_at_its_path_with_a_trailing_slash_too(
         watch.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="poolwatch/_serve/middleware.py must serve LivePage.endpoints() (asked of its owner); "
-    "remove this mark when it does",
-)
 def test_a_trailing_slash_serves_the_page_unless_the_application_routes_it(
     engine: sa.Engine, registry: CollectorRegistry
 ) -> None:
