@@ -43,6 +43,7 @@ from tests.test_server_limit import (  # noqa: F401
     server_max,
     through,
     wait_until,
+    warm_async,
     watched,
 )
 
@@ -91,8 +92,7 @@ async def test_asyncpg_behind_pgbouncer_claims_no_limit(
     engine = create_async_engine(pgbouncer.url(postgres_url, "asyncpg"), pool_size=2, max_overflow=0)
     try:
         recorder = watched(engine, registry, "bounced-async")
-        async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
+        await warm_async(engine)
         reader.ensure_read(recorder)
         await await_until(lambda: recorder.server_limit_read_at is not None, "the limit read")
         assert server_max(registry, "bounced-async") == []
@@ -296,13 +296,12 @@ async def test_health_db_starts_the_read_and_answers_before_it(
     postgres_url: str, async_url: str, registry: CollectorRegistry
 ) -> None:
     # No direct ensure_read here: /health/db is what starts the read, after its own answer.
-    engine = create_async_engine(async_url, pool_size=1, max_overflow=0)
+    engine = create_async_engine(async_url, pool_size=2, max_overflow=0)
     app = Starlette()
     poolwatch.instrument(app, engine, registry=registry, name="wired", health_cache_seconds=0)
     recorder = recorder_for(engine)
     try:
-        async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
+        await warm_async(engine)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             assert (await client.get("/health/db")).json()["status"] == "ok"

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import make_url
 
 import poolwatch
+from poolwatch._record.server import role_tag
 from poolwatch._serve.multiprocess import MultiProcessCollector, Publisher
 from tests.metrics import parse_text
 from tests.test_server_limit import pg_client_limit
@@ -217,7 +218,8 @@ def test_one_scrape_reports_every_worker(server: Server, postgres_url: str) -> N
         assert _value(samples, "poolwatch_connections_max", pool="app") == 2 * POOL_SIZE
         assert _value(samples, "poolwatch_connections", pool="app", state="used") == 0
         assert _value(samples, "poolwatch_pool_info", pool="app", dialect="postgresql",
-                      driver="asyncpg", pool_class="AsyncAdaptedQueuePool", server=server_label) == 1  # fmt: skip
+                      driver="asyncpg", pool_class="AsyncAdaptedQueuePool", server=server_label,
+                      role=role_tag(database)) == 1  # fmt: skip
 
     # One worker holds a connection; then it is killed and replaced.
     holder = server.pid_of("/hold")

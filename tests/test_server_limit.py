@@ -18,6 +18,7 @@ Pooler detection against a real PgBouncer, the slow link and the alert are in te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
@@ -126,10 +127,22 @@ def watched(
     return recorder
 
 
+def warm_sync(engine: sa.Engine) -> None:
+    """Two idle connections in the pool: a read never takes the last one."""
+    with engine.connect() as first, engine.connect() as second:
+        first.execute(sa.text("SELECT 1"))
+        second.execute(sa.text("SELECT 1"))
+
+
+async def warm_async(engine: AsyncEngine) -> None:
+    async with engine.connect() as first, engine.connect() as second:
+        await first.execute(sa.text("SELECT 1"))
+        await second.execute(sa.text("SELECT 1"))
+
+
 def read_sync(engine: sa.Engine, recorder: PoolRecorder) -> None:
-    """Warm the pool (one idle connection), ask for a read and wait for it to finish."""
-    with engine.connect() as connection:
-        connection.execute(sa.text("SELECT 1"))
+    """Warm the pool (two idle connections), ask for a read and wait for it to finish."""
+    warm_sync(engine)
     ensure_read(recorder)
     wait_until(read_done(recorder), "the limit read")
 
@@ -223,16 +236,15 @@ async def test_asyncpg_reads_the_role_limit_on_the_loop_that_owns_its_connection
     errors_before = internal_errors.count
     try:
         recorder = watched(engine, registry, "apg")
-        async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
-        ensure_read(recorder)  # on this loop, which opened the connection
+        await warm_async(engine)
+        ensure_read(recorder)  # on this loop, which opened the connections
         await await_until(read_done(recorder), "the limit read")
         assert server_max(registry, "apg") == [5]
         async with engine.connect() as connection:  # the read's connection, back in the pool
             raw = await connection.get_raw_connection()
             assert raw.driver_connection is not None
             assert not raw.driver_connection.is_in_transaction()
-        assert scrape(registry).value("poolwatch_connects_total", pool="apg") == 1
+        assert scrape(registry).value("poolwatch_connects_total", pool="apg") == 2
         assert internal_errors.count == errors_before
     finally:
         await engine.dispose()
@@ -245,7 +257,7 @@ def test_a_superuser_is_not_held_to_the_role_and_database_limits(
     # someone about a limit that refuses nothing.
     role = throwaway.role(2, superuser=True)
     database = throwaway.database(2, owner=role)
-    engine = sa.create_engine(url_as(postgres_url, "psycopg", role, database), pool_size=1, max_overflow=0)
+    engine = sa.create_engine(url_as(postgres_url, "psycopg", role, database), pool_size=2, max_overflow=0)
     try:
         recorder = watched(engine, registry, "su")
         read_sync(engine, recorder)
@@ -269,7 +281,7 @@ def test_the_read_uses_an_idle_connection_and_leaves_it_clean(
         read_sync(engine, recorder)
         assert server_max(registry, "pg") == [pg_client_limit(postgres_url)]
         samples = scrape(registry)
-        assert samples.value("poolwatch_connects_total", pool="pg") == 1  # no extra connection
+        assert samples.value("poolwatch_connects_total", pool="pg") == 2  # no extra connection
         assert samples.total("poolwatch_use_seconds_count", pool="pg", route="<probe>") == 1
         with engine.connect() as connection:  # the read's connection, back in the pool
             dbapi = connection.connection.dbapi_connection
@@ -285,27 +297,34 @@ def test_the_read_uses_an_idle_connection_and_leaves_it_clean(
 
 
 @pytest.mark.parametrize("max_overflow", [0, 5])
-def test_no_idle_connection_means_no_read_no_new_connection_and_no_queueing(
+def test_no_spare_idle_connection_means_no_read_no_new_connection_and_no_queueing(
     sync_url: str, registry: CollectorRegistry, max_overflow: int
 ) -> None:
-    # With the only pooled connection in the application's hands, a checkout would open an
-    # overflow connection (max_overflow 5) or queue behind the application (0): neither happens.
-    engine = sa.create_engine(sync_url, pool_size=1, max_overflow=max_overflow, pool_timeout=30)
+    # With the pooled connections in the application's hands, a checkout would open an overflow
+    # connection (max_overflow 5) or queue behind the application (0); with one of them idle, it
+    # would take the last one and leave the next caller to open or queue. None of that happens.
+    engine = sa.create_engine(sync_url, pool_size=2, max_overflow=max_overflow, pool_timeout=30)
     try:
         recorder = watched(engine, registry, "busy")
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-            checkouts = recorder.checkouts
-            for _ in range(3):
-                ensure_read(recorder)
-            assert not reader.reader_state(recorder).running
-            assert recorder.checkouts == checkouts
-            assert recorder.connects == 1
-            assert recorder.pending == 0
+        warm_sync(engine)
+        with engine.connect() as first:
+            first.execute(sa.text("SELECT 1"))
+            for held in (2, 1):  # both connections held, then one
+                with engine.connect() if held == 2 else contextlib.nullcontext() as second:
+                    if second is not None:
+                        second.execute(sa.text("SELECT 1"))
+                    checkouts = recorder.checkouts
+                    for _ in range(3):
+                        ensure_read(recorder)
+                    assert not reader.reader_state(recorder).running
+                    assert recorder.checkouts == checkouts
+                    assert recorder.connects == 2
+                    assert recorder.pending == 0
         assert recorder.server_limit_read_at is None
-        read_sync(engine, recorder)  # once the connection is idle again, it is read
+        ensure_read(recorder)  # both idle again: one is spare, and it is read
+        wait_until(read_done(recorder), "the limit read")
         assert recorder.server_connections_max is not None
-        assert recorder.connects == 1
+        assert recorder.connects == 2
     finally:
         engine.dispose()
 
@@ -317,7 +336,7 @@ def test_a_failed_read_is_retried_with_backoff_and_then_stored(
     # is rolled back, the connection goes back to the pool, and the read is tried again later.
     monkeypatch.setitem(limits.QUERIES, "postgresql", "SELECT poolwatch_no_such_function()")
     monkeypatch.setattr(reader, "RETRY_FIRST_SECONDS", 0.3)
-    engine = sa.create_engine(sync_url, pool_size=1, max_overflow=0)
+    engine = sa.create_engine(sync_url, pool_size=2, max_overflow=0)
     errors_before = internal_errors.count
     try:
         recorder = watched(engine, registry, "refused")
@@ -333,7 +352,7 @@ def test_a_failed_read_is_retried_with_backoff_and_then_stored(
             dbapi = connection.connection.dbapi_connection
             assert isinstance(dbapi, psycopg.Connection)
             assert dbapi.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        assert recorder.connects == 1
+        assert recorder.connects == 2
 
         monkeypatch.undo()  # the server answers again
         wait_until(lambda: time.monotonic() >= state.next_at, "the backoff to pass")
@@ -367,8 +386,7 @@ async def test_a_cancelled_or_timed_out_async_read_is_retried_and_stored(
     try:
         recorder = watched(engine, registry, "apg")
         state = reader.reader_state(recorder)
-        async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
+        await warm_async(engine)
         link.set_mode("stall")  # the read's query goes out and no answer comes back
         ensure_read(recorder)
         await await_until(lambda: isinstance(state.worker, asyncio.Task), "the read's task")
@@ -384,9 +402,8 @@ async def test_a_cancelled_or_timed_out_async_read_is_retried_and_stored(
 
         link.set_mode("pass")
         await await_until(lambda: time.monotonic() >= state.next_at, "the backoff to pass")
-        # The cut-off connection was thrown away; the application's next request opens another.
-        async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
+        # The cut-off connection was thrown away; the application's next requests open another.
+        await warm_async(engine)
         ensure_read(recorder)
         await await_until(lambda: recorder.server_limit_read_at is not None, "the retried read")
         assert server_max(registry, "apg") == [pg_client_limit(postgres_url)]
@@ -433,7 +450,7 @@ def mariadb_url(mariadb_admin: object) -> Iterator[str]:
 def test_mariadb_limit_is_max_connections_without_an_account_limit(
     mariadb_url: str, registry: CollectorRegistry
 ) -> None:
-    engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
+    engine = sa.create_engine(mariadb_url, pool_size=2, max_overflow=0)
     try:
         recorder = watched(engine, registry, "maria")
         assert pool_info(registry, "maria")["server"] == f"127.0.0.1:3306/{make_url(mariadb_url).database}"
@@ -442,7 +459,7 @@ def test_mariadb_limit_is_max_connections_without_an_account_limit(
             assert connection.exec_driver_sql("SELECT @@in_transaction").scalar_one() == 0
             expected = int(connection.exec_driver_sql("SELECT @@global.max_connections").scalar_one())
         assert server_max(registry, "maria") == [expected]
-        assert scrape(registry).value("poolwatch_connects_total", pool="maria") == 1
+        assert scrape(registry).value("poolwatch_connects_total", pool="maria") == 2
     finally:
         engine.dispose()
 
@@ -457,7 +474,7 @@ def test_mariadb_account_max_user_connections_is_the_limit(
         cursor.execute(f"GRANT ALL ON `{database}`.* TO '{user}'@'%'")
     engine = sa.create_engine(
         make_url(mariadb_url).set(username=user).render_as_string(hide_password=False),
-        pool_size=1,
+        pool_size=2,
         max_overflow=0,
     )
     try:
@@ -487,12 +504,11 @@ def test_the_setting_from_the_environment_gives_the_limit_or_turns_the_read_off(
     series: list[float] | None,
 ) -> None:
     monkeypatch.setenv("POOLWATCH_SERVER_CONNECTIONS_MAX", variable)
-    engine = sa.create_engine(sync_url, pool_size=1, max_overflow=0)
+    engine = sa.create_engine(sync_url, pool_size=2, max_overflow=0)
     try:
         recorder = watched(engine, registry, "set")
         assert server_max(registry, "set") == (series or [])  # from the start, before any read
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
+        warm_sync(engine)
         checkouts = recorder.checkouts
         ensure_read(recorder)
         if series is None:  # unset: read from the server
@@ -522,8 +538,7 @@ def test_sqlite_has_a_file_path_no_role_and_no_limit(tmp_path: Path, registry: C
     engine = sa.create_engine(f"sqlite:///{path}")
     try:
         recorder = watched(engine, registry, "lite")
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
+        warm_sync(engine)
         ensure_read(recorder)
         assert not reader.reader_state(recorder).running
         info = pool_info(registry, "lite")

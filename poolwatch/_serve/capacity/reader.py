@@ -1,7 +1,7 @@
 """When, where and on which connection poolwatch asks the server for its connection limit.
 
 ``ensure_read(recorder)`` is the one entry point. It returns at once: when a read is due and the
-pool has an idle connection, it starts one in the background and never waits for it. Callers
+pool has idle connections to spare, it starts one in the background and never waits for it. Callers
 (``/health/db`` after its answer, a scrape) may call it as often as they like; at most one read
 per pool runs at a time.
 
@@ -11,26 +11,28 @@ away), and a read cancelled there was not tried again for an hour. Here the read
 generous timeout (``READ_TIMEOUT_SECONDS``) and nothing waits for it.
 
 Which connection: only an idle one of the pool, checked out through ``pool.connect()`` like any
-other checkout (filed under the route ``<probe>``), and only when the pool says it holds one
-(``QueuePool.checkedin() > 0``). A checkout with no idle connection would open a new connection or
-queue behind the application's callers, so none is made then; the read waits for a later call. It
-is never a connection the application holds, and poolwatch opens none for it: NullPool (every
+other checkout (filed under the route ``<probe>``), and only when the pool says it holds at least
+two (``QueuePool.checkedin() >= 2``). A checkout with no idle connection would open a new
+connection or queue behind the application's callers; taking the last idle one would make the next
+caller (a request, or the health probe) do the same. So neither is done: the read waits for a later
+call, and a pool that never has two idle connections is not read (the setting can give its limit).
+It is never a connection the application holds, and poolwatch opens none for it: NullPool (every
 checkout opens one) and the pools that hand one connection to several callers (StaticPool,
 SingletonThreadPool, AssertionPool) are never read.
 
 Races: on an asyncio engine the look and the take run in one greenlet with no ``await`` between
 them, so no other task of the loop that owns the connections can take the idle connection in
-between. A sync pool is shared by threads, and another thread may take the last idle connection
-between the look and the take (a window of a few bytecodes); the checkout then does what any
-caller's would: it opens a connection if the pool may overflow, else it queues. That happens in the
-reader's own daemon thread, bounded by the pool's timeout, and never delays readiness.
+between. A sync pool is shared by threads, and other threads may take the two idle connections
+between the look and the take (a window of a few bytecodes, and two takers); only then does the
+checkout do what any caller's would: open a connection if the pool may overflow, else queue. That
+happens in the reader's own daemon thread, bounded by the pool's timeout, and never delays readiness.
 
 The connection goes back as it was found: the cursor is closed and the transaction the query began
 is rolled back (``dialect.do_rollback``) whatever happened. A read that timed out or was cancelled
 mid-conversation, or whose rollback failed, cannot give its connection back in a known state, so it
 invalidates it instead (from outside SQLAlchemy's greenlet, where asyncpg terminates at once).
 
-When: the first time as soon as the pool has an idle connection, then every ``REFRESH_SECONDS``
+When: the first time as soon as the pool has two idle connections, then every ``REFRESH_SECONDS``
 (the limits change rarely). A failed, timed-out or cancelled read is retried after
 ``RETRY_FIRST_SECONDS``, doubling up to ``RETRY_MAX_SECONDS`` (with jitter, so a fleet does not
 retry in step after a database restart); a failed refresh keeps the last limit read.
@@ -178,14 +180,18 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+# Idle connections the pool must hold for a read to take one: never its last one.
+_IDLE_NEEDED = 2
+
+
 def _has_idle(pool: Pool | None) -> bool:
     # QueuePool and its subclasses (AsyncAdaptedQueuePool) are the pools that keep idle
     # connections and say how many; every other pool opens one per checkout or shares one.
-    return isinstance(pool, QueuePool) and pool.checkedin() > 0
+    return isinstance(pool, QueuePool) and pool.checkedin() >= _IDLE_NEEDED
 
 
 def _checkout_if_idle(pool: Pool) -> Any | None:
-    """The pool's checkout, made only if an idle connection is there to take (see the docstring)."""
+    """The pool's checkout, made only if it leaves an idle connection behind (see the docstring)."""
     if not _has_idle(pool):
         return None
     return pool.connect()
