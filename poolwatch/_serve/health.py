@@ -33,6 +33,7 @@ from .http import (
     json_rendered,
     method_not_allowed,
 )
+from .capacity import ensure_read
 from .probe import PoolHealth, Status, check_pool, note_reported
 
 if TYPE_CHECKING:
@@ -98,6 +99,9 @@ class HealthEndpoints:
         worst: Status = "ok"
         for recorder, answer in zip(recorders, answers, strict=True):
             _log_change(recorder, answer)
+            if self._may_probe(recorder):  # never on a loop that does not own its connections
+                # The server's connection limit, read apart from this answer and never in its way.
+                ensure_read(recorder)
             if _SEVERITY[answer.status] > _SEVERITY[worst]:
                 worst = answer.status
         if worst == "ok":
