@@ -172,10 +172,10 @@ class PoolWatch:
         name: str | None = None,
         **settings: Unpack[SettingsKeywords],
     ) -> None:
+        require_gil()
         self.settings = build_settings(settings)
         if self.settings.tracing:
             # Here, not when the first engine is traced: that may be one added in the lifespan,
-        require_gil()
             # and the application's first request would fail instead of its start.
             from ._otel import require_tracing
 
