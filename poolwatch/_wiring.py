@@ -30,8 +30,8 @@ from ._record.intervals import sampler as interval_sampler
 from ._record.leaks import sweeper
 from ._record.recorder import PoolRecorder
 from ._record.requests import RequestStats
-from ._serve.collector import PoolWatchCollector
 from ._runtime import require_gil
+from ._serve.collector import PoolWatchCollector
 from ._serve.http import ASGIApp
 from ._serve.middleware import Middleware
 from ._serve.multiprocess import MultiProcessCollector, Publisher

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._log import internal_errors
 from .._record.events import HealthChanged, emit
+from .capacity import ensure_read
 from .http import (
     READ_METHODS,
     Receive,
@@ -33,7 +34,6 @@ from .http import (
     json_rendered,
     method_not_allowed,
 )
-from .capacity import ensure_read
 from .probe import PoolHealth, Status, check_pool, note_reported
 
 if TYPE_CHECKING:

@@ -193,7 +193,9 @@ class Middleware:
             setting = next(
                 (name for name in ("metrics_path", "health_db_path", "health_live_path")
                  if getattr(settings, name) == path),
-                "ui_path" if path.rstrip("/") in (settings.ui_path, settings.ui_path + "/state") else "metrics_path",
+                "ui_path"
+                if path.rstrip("/") in (settings.ui_path, settings.ui_path + "/state")
+                else "metrics_path",
             )  # fmt: skip
             logger.warning(
                 "poolwatch.path_taken",
