@@ -21,9 +21,16 @@ from prometheus_client.registry import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from ._capture.dialect_hooks import hook_dialect, unhook_dialect
-from ._capture.engines import EngineLike, Engines, collect_engines, root_engine, sync_engine_of
+from ._capture.engines import (
+    EngineLike,
+    Engines,
+    collect_engines,
+    pool_of,
+    root_engine,
+)
 from ._capture.listeners import EngineListeners
 from ._capture.pool_hooks import hook_pool, recorder_of, unhook_pool
+from ._capture.sqlalchemy_source import SqlAlchemySource
 from ._log import logger
 from ._record.events import remember_application_root
 from ._record.intervals import sampler as interval_sampler
@@ -50,7 +57,7 @@ class _Instrumented:
     """
 
     def __init__(self, name: str, engine: Engine, settings: PoolWatchSettings) -> None:
-        self.recorder = PoolRecorder(name, engine, settings)
+        self.recorder = PoolRecorder(name, SqlAlchemySource(engine), settings)
         self.listeners = EngineListeners(self.recorder)
         self.owners = 0
         hook_pool(engine.pool, self.recorder)
@@ -74,16 +81,50 @@ class _Instrumented:
         unhook_pool(engine.pool)
 
 
+class _DriverInstrumented:
+    """One asyncpg pool's hooks (``_capture.asyncpg_pool``), shared like ``_Instrumented``."""
+
+    def __init__(self, name: str, pool: Any, settings: PoolWatchSettings) -> None:
+        from ._capture import asyncpg_pool
+
+        self._library = asyncpg_pool
+        asyncpg_pool.check_supported()
+        self.source = asyncpg_pool.AsyncpgSource(pool)
+        self.recorder = PoolRecorder(name, self.source, settings)
+        self.owners = 0
+        asyncpg_pool.hook_pool(pool, self.recorder)
+        sweeper.add(self.recorder)
+        interval_sampler.add(self.recorder)
+
+    def release(self, pool: Any) -> None:
+        sweeper.discard(self.recorder)
+        interval_sampler.discard(self.recorder)
+        self._library.unhook_pool(pool)
+        self.source.forget()
+
+
 _instrumented: weakref.WeakKeyDictionary[Engine, _Instrumented] = weakref.WeakKeyDictionary()
+# Driver pools by id: asyncpg's Pool takes no weak reference. Each entry holds its pool until the
+# last PoolWatch that watches it lets go.
+_driver_instrumented: dict[int, _DriverInstrumented] = {}
+
+
+def _instrumentation(target: Any) -> _Instrumented | _DriverInstrumented | None:
+    if isinstance(target, Engine):
+        return _instrumented.get(target)
+    return _driver_instrumented.get(id(target))
 _instrument_lock = threading.Lock()
 
 
-def _instrumented_for(engine: Engine) -> tuple[Engine, _Instrumented | None]:
+def _instrumented_for(engine: Any) -> tuple[Any, _Instrumented | _DriverInstrumented | None]:
     """The engine whose instrumentation covers ``engine``, and that instrumentation if any.
 
     Derived engines (``execution_options()``) resolve to their root; a copy that shares an already
-    watched pool (``copy.copy(engine)``) resolves to the engine that watches that pool.
+    watched pool (``copy.copy(engine)``) resolves to the engine that watches that pool. A driver's
+    pool is its own.
     """
+    if not isinstance(engine, Engine):
+        return engine, _driver_instrumented.get(id(engine))
     root = root_engine(engine)
     instrumented = _instrumented.get(root)
     if instrumented is None:
@@ -94,7 +135,7 @@ def _instrumented_for(engine: Engine) -> tuple[Engine, _Instrumented | None]:
     return root, instrumented
 
 
-def _known_name(engine: Engine) -> str | None:
+def _known_name(engine: Any) -> str | None:
     instrumented = _instrumented_for(engine)[1]
     return None if instrumented is None else instrumented.recorder.name
 
@@ -184,7 +225,8 @@ class PoolWatch:
         # Code sites (events, the live page) are shown relative to where the application runs from.
         remember_application_root()
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
-        self._engines: list[Engine] = []
+        # SQLAlchemy Engines and driver pools (asyncpg's Pool).
+        self._engines: list[Any] = []
         self._closed = False
         self._app_loop: asyncio.AbstractEventLoop | None = None
         self._starvation: StarvationCheck | None = None
@@ -249,7 +291,11 @@ class PoolWatch:
                         detail="an earlier engine watched under this name is no longer exported; "
                         "pass name= to export both",
                     )
-                if instrumented is None:
+                if instrumented is None and not isinstance(engine, Engine):
+                    instrumented = _driver_instrumented[id(engine)] = _DriverInstrumented(
+                        pool_name, engine, self.settings
+                    )
+                elif instrumented is None:
                     instrumented = _instrumented[engine] = _Instrumented(pool_name, engine, self.settings)
                 self._shared.recorders[pool_name] = instrumented.recorder
                 holders = self._shared.holders
@@ -275,7 +321,7 @@ class PoolWatch:
 
     @property
     def recorders(self) -> list[PoolRecorder]:
-        return [_instrumented[engine].recorder for engine in self._engines]
+        return [found.recorder for found in map(_instrumentation, self._engines) if found is not None]
 
     @property
     def direct_collector(self) -> PoolWatchCollector | None:
@@ -296,7 +342,7 @@ class PoolWatch:
         """Stop watching these engines; hooks come off once no PoolWatch uses an engine."""
         with _instrument_lock:
             for candidate in engines:
-                engine = _instrumented_for(sync_engine_of(candidate, "engine"))[0]
+                engine = _instrumented_for(pool_of(candidate, "engine"))[0]
                 if engine in self._engines:
                     self._engines.remove(engine)
                     _release_engine(engine, self._shared)
@@ -330,15 +376,19 @@ class PoolWatch:
         return f"PoolWatch(pools={self.pool_names!r})"
 
 
-def _release_engine(engine: Engine, shared: _RegistryCollector) -> None:
+def _release_engine(engine: Any, shared: _RegistryCollector) -> None:
     """Drop one owner of ``engine``; the last one takes the hooks off. Caller holds the lock."""
-    instrumented = _instrumented.get(engine)
+    instrumented = _instrumentation(engine)
     if instrumented is None:
         return
     instrumented.owners -= 1
     if instrumented.owners <= 0:
-        instrumented.release(engine)
-        del _instrumented[engine]
+        if isinstance(instrumented, _DriverInstrumented):
+            instrumented.release(engine)
+            del _driver_instrumented[id(engine)]
+        else:
+            instrumented.release(engine)
+            del _instrumented[engine]
     recorder = instrumented.recorder
     shared.holders[recorder] = shared.holders.get(recorder, 1) - 1
     if shared.holders[recorder] <= 0:

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "poolwatch"
 
 # Bottom first. What each floor is for:
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("poolwatch._log",),  # the swallow-and-count rule and the log sinks: used everywhere
+    ("poolwatch._log", "poolwatch._runtime"),  # swallow-and-count and log sinks | interpreter checks
     ("poolwatch._settings",),  # what poolwatch can be told
     ("poolwatch._record",),  # plain state: recorders, histograms, request context, events
     ("poolwatch._capture", "poolwatch._serve"),  # write records on the app's threads | read them
@@ -211,3 +211,47 @@ def test_gunicorns_master_loads_only_what_its_hooks_use() -> None:
         "poolwatch._serve.multiprocess",
         "poolwatch.gunicorn",
     ]
+
+
+# Modules of _record and _serve that still import SQLAlchemy at run time (to be moved behind
+# ``_record.source.PoolSource``): the server-limit reader takes a connection through SQLAlchemy.
+STILL_SQLALCHEMY = {"poolwatch._serve.capacity.reader"}
+
+
+def runtime_library_imports(path: Path) -> list[str]:
+    """Imports of SQLAlchemy or a driver that run at import or call time (not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text(), str(path))
+    type_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_only.update(id(inner) for inner in ast.walk(node))
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        found += [n for n in names if n.split(".")[0] in ("sqlalchemy", "asyncpg", "psycopg", "psycopg_pool")]
+    return found
+
+
+def test_record_and_serve_import_no_pool_library_at_run_time() -> None:
+    offenders = {
+        name: runtime_library_imports(path)
+        for name, path in module_names().items()
+        if name.startswith(("poolwatch._record", "poolwatch._serve")) and name not in STILL_SQLALCHEMY
+    }
+    offenders = {name: found for name, found in offenders.items() if found}
+    assert not offenders, f"_record/_serve modules importing a pool library at run time: {offenders}"
+
+
+def test_the_library_import_check_sees_one(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import asyncpg\n"
+        "def f():\n    from sqlalchemy.util import greenlet_spawn\n"
+    )
+    assert runtime_library_imports(module) == ["sqlalchemy.util"]

@@ -38,7 +38,7 @@ def _package_dir(module_name: str) -> str | None:
 
 
 _SKIPPED_PACKAGES = ("poolwatch", "sqlalchemy", "starlette", "fastapi", "anyio", "asyncio",
-                     "concurrent", "greenlet", "uvicorn")  # fmt: skip
+                     "concurrent", "greenlet", "uvicorn", "asyncpg", "psycopg", "psycopg_pool")  # fmt: skip
 _SKIPPED_MODULES = ("contextlib", "threading", "contextvars", "functools")
 _skipped_prefixes: tuple[str, ...] = tuple(
     p for p in (_package_dir(name) for name in _SKIPPED_PACKAGES) if p is not None

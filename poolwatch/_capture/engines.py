@@ -1,4 +1,9 @@
-"""Turning what the user passed into (pool name, sync Engine) pairs, with clear errors."""
+"""Turning what the user passed into (pool name, pool) pairs, with clear errors.
+
+A pool is a SQLAlchemy sync Engine (an AsyncEngine's ``sync_engine``), or one of the pool libraries'
+own pools: asyncpg's ``Pool`` (``_capture.asyncpg_pool``). A driver is never imported here: an
+application that made such a pool has imported its library already.
+"""
 
 from __future__ import annotations
 
@@ -25,16 +30,41 @@ Engines: TypeAlias = (
 
 def sync_engine_of(candidate: object, where: str) -> Engine:
     """The sync Engine behind an Engine or AsyncEngine; anything else is a clear TypeError."""
+    found = pool_of(candidate, where)
+    if not isinstance(found, Engine):
+        raise TypeError(f"poolwatch: {where} must be a SQLAlchemy Engine or AsyncEngine")
+    return found
+
+
+def driver_pool_kind(candidate: object) -> str | None:
+    """ "asyncpg" for asyncpg's own Pool; None for anything else."""
+    asyncpg_pool = sys.modules.get("asyncpg.pool")
+    if asyncpg_pool is not None and isinstance(candidate, asyncpg_pool.Pool):
+        return "asyncpg"
+    return None
+
+
+def pool_of(candidate: object, where: str) -> Any:
+    """The sync Engine behind an Engine or AsyncEngine, or a pool library's own pool as given;
+    anything else is a clear TypeError."""
     if isinstance(candidate, Engine):
         return candidate
     asyncio_extension = sys.modules.get("sqlalchemy.ext.asyncio")
     if asyncio_extension is not None and isinstance(candidate, asyncio_extension.AsyncEngine):
         sync_engine: Engine = candidate.sync_engine
         return sync_engine
+    if driver_pool_kind(candidate) is not None:
+        return candidate
     raise TypeError(
-        f"poolwatch: {where} must be a SQLAlchemy Engine or AsyncEngine, "
+        f"poolwatch: {where} must be a SQLAlchemy Engine or AsyncEngine, or an asyncpg Pool, "
         f"got {type(candidate).__module__}.{type(candidate).__qualname__}"
     )
+
+
+def pool_key(target: Any) -> int:
+    """What makes two targets the same pool: an engine's pool (shared by its copies and
+    execution_options() engines), or the driver's pool itself."""
+    return id(target.pool) if isinstance(target, Engine) else id(target)
 
 
 def root_engine(engine: Engine) -> Engine:
@@ -50,25 +80,25 @@ def root_engine(engine: Engine) -> Engine:
 def collect_engines(
     engines: Iterable[Any],
     name: str | None = None,
-    known_name: Callable[[Engine], str | None] = lambda engine: None,
-) -> list[tuple[str, Engine]]:
+    known_name: Callable[[Any], str | None] = lambda engine: None,
+) -> list[tuple[str, Any]]:
     """Flatten engines, lists of engines and {name: engine} mappings into named sync engines.
 
     An engine that is already watched keeps the name it has (``known_name``): one engine is one
     pool with one name, however often it is instrumented.
     """
-    named: list[tuple[str | None, Engine]] = []
+    named: list[tuple[str | None, Any]] = []
     for position, item in enumerate(engines):
         if isinstance(item, Mapping):
             for key, value in item.items():
                 if not isinstance(key, str) or not key:
                     raise TypeError(f"poolwatch: pool names must be non-empty strings, got {key!r}")
-                named.append((key, sync_engine_of(value, f"engine {key!r}")))
+                named.append((key, pool_of(value, f"engine {key!r}")))
         elif isinstance(item, (list, tuple, set, frozenset)):
             for inner, value in enumerate(item):
-                named.append((None, sync_engine_of(value, f"engines[{position}][{inner}]")))
+                named.append((None, pool_of(value, f"engines[{position}][{inner}]")))
         else:
-            named.append((None, sync_engine_of(item, f"engine #{position + 1}")))
+            named.append((None, pool_of(item, f"engine #{position + 1}")))
     if not named:
         raise TypeError("poolwatch: no engine given; pass an Engine, an AsyncEngine or {name: engine}")
     if name is not None:
@@ -76,13 +106,13 @@ def collect_engines(
             raise TypeError("poolwatch: name= names a single engine; pass {name: engine} for several")
         named = [(name, named[0][1])]
 
-    result: list[tuple[str, Engine]] = []
+    result: list[tuple[str, Any]] = []
     # Keyed by the pool: an engine, its execution_options() engines and its copies share one pool,
     # which is counted once, under one name.
     seen_pools: dict[int, str] = {}
-    seen_names: dict[str, Engine] = {}
+    seen_names: dict[str, Any] = {}
     for given, engine in named:
-        first_name = seen_pools.get(id(engine.pool))
+        first_name = seen_pools.get(pool_key(engine))
         if first_name is not None:
             if given is not None and given != first_name:
                 raise ValueError(
@@ -98,14 +128,18 @@ def collect_engines(
                 f"poolwatch: two engines would both be pool {pool_name!r}; "
                 "name them with a mapping such as {'primary': engine, 'replica': other}"
             )
-        seen_pools[id(engine.pool)] = pool_name
+        seen_pools[pool_key(engine)] = pool_name
         seen_names[pool_name] = engine
         result.append((pool_name, engine))
     return result
 
 
-def default_pool_name(engine: Engine) -> str:
+def default_pool_name(engine: Any) -> str:
     """The pool's logging_name, else host:port/database; never a user name or a password."""
+    if driver_pool_kind(engine) == "asyncpg":
+        from .asyncpg_pool import default_name
+
+        return default_name(engine)
     logging_name = getattr(engine.pool, "logging_name", None)
     if logging_name:
         return str(logging_name)

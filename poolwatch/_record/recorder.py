@@ -51,13 +51,10 @@ from .events import (
     emit,
 )
 from .histogram import Histogram, HistogramCopy
-from .server import role_tag, server_label
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-    from sqlalchemy.pool import Pool
-
     from .._settings import PoolWatchSettings
+    from .source import PoolSource
 
 OPERATIONS = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRANSACTION", "DDL", "OTHER")
 
@@ -131,23 +128,24 @@ class RecorderSnapshot:
 
 
 class PoolRecorder:
-    """Counts for one named pool (one engine), across ``engine.dispose()``."""
+    """Counts for one named pool (one engine, or one asyncpg or psycopg_pool pool), across
+    ``engine.dispose()``."""
 
-    def __init__(self, name: str, engine: Engine, settings: PoolWatchSettings) -> None:
+    def __init__(self, name: str, source: PoolSource, settings: PoolWatchSettings) -> None:
         self.name = name
-        self._engine_ref = weakref.ref(engine)
+        # The pool's library seen through one interface (``source.PoolSource``): labels, state, probe.
+        self.source = source
         self.leak_threshold = settings.leak_threshold_seconds
         self.capture_site = settings.leak_threshold_seconds > 0
         self.capture_stack = settings.leak_capture_stack and self.capture_site
         self.held_idle_threshold = settings.held_idle_seconds
         self.timeout_note = settings.timeout_note
-        # A minimal third-party dialect may lack either; SQLAlchemy itself does not need them.
-        self.dialect = str(getattr(engine.dialect, "name", None) or "unknown")
-        self.driver = str(getattr(engine.dialect, "driver", None) or "unknown")
-        self.server = server_label(engine.url)
+        self.dialect = source.dialect
+        self.driver = source.driver
+        self.server = source.server
         # A keyed hash of the URL's user name (``_record.server.role_tag``): pools of one role on
         # one server share it, so the fleet's capacity is summed per role, and it names nobody.
-        self.role = role_tag(engine.url)
+        self.role = source.role
         # The connection limit of this pool's role and database on its server (see
         # ``_serve.capacity``): the setting's number if given, else read from the server by
         # ``ensure_read`` (None until read, behind a pooler, for SQLite, when unreadable, and when
@@ -215,13 +213,14 @@ class PoolRecorder:
         self.leaked_records: set[Any] = set()
 
     @property
-    def engine(self) -> Engine | None:
-        return self._engine_ref()
+    def engine(self) -> Any:
+        """SQLAlchemy's Engine of a SQLAlchemy pool (None once collected, and for other pools)."""
+        return self.source.engine
 
     @property
-    def pool(self) -> Pool | None:
-        engine = self._engine_ref()
-        return None if engine is None else engine.pool
+    def pool(self) -> Any:
+        """The library's pool object (None once collected)."""
+        return self.source.pool
 
     # -- hot path: checkout and checkin ---------------------------------------------------------
 

@@ -31,40 +31,13 @@ from .._record.histogram import HistogramCopy
 from .._record.recorder import Exemplar as RecordedExemplar
 from .._record.recorder import PoolRecorder
 from .._record.requests import RequestStats
+from .._record.source import PoolState
 from .threadpool import read_threadpool
 
 
-@dataclass
-class PoolState:
-    # Checkouts handed out now: the table of live checkouts, so the gauge agrees with the checkouts
-    # the live page lists.
-    used: int
-    idle: int
-    overflow: int
-    max: int | None
-    # Slots taken now, as the pool counts them: the handed-out ones plus callers still opening or
-    # pre-pinging the connection of the slot they took. Whether the pool is full is judged on this.
-    taken: int = 0
-
-
 def read_pool_state(recorder: PoolRecorder, live_count: int) -> PoolState:
-    """What the pool holds now. QueuePool-like pools count for themselves; others do not."""
-    pool: Any = recorder.pool
-    checkedout = getattr(pool, "checkedout", None)
-    if pool is None or not callable(checkedout):
-        # NullPool, StaticPool, SingletonThreadPool: our own table of checkouts is the truth.
-        return PoolState(used=live_count, idle=0, overflow=0, max=None, taken=live_count)
-    size = pool.size()
-    max_overflow = getattr(pool, "_max_overflow", -1)
-    bounded = size > 0 and max_overflow > -1
-    taken = max(0, checkedout())
-    return PoolState(
-        used=live_count,
-        idle=max(0, pool.checkedin()),
-        overflow=max(0, pool.overflow()),
-        max=size + max_overflow if bounded else None,
-        taken=max(taken, live_count),
-    )
+    """What the pool holds now, as its library counts it (see ``PoolSource.read_state``)."""
+    return recorder.source.read_state(live_count)
 
 
 @dataclass(frozen=True)
@@ -178,7 +151,7 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
     add("poolwatch_connections_pinging", pool, max(0, recorder.pinging))
     add("poolwatch_oldest_checkout_age_seconds", pool, snap.live.oldest_age)
     add("poolwatch_leaked_connections", pool, snap.live.leaked)
-    pool_class = type(recorder.pool).__name__ if recorder.pool is not None else "unknown"
+    pool_class = recorder.source.pool_class
     add(
         "poolwatch_pool_info",
         (name, recorder.dialect, recorder.driver, pool_class, recorder.server, recorder.role),

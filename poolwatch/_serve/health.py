@@ -120,8 +120,7 @@ class HealthEndpoints:
     def _may_probe(self, recorder: PoolRecorder) -> bool:
         if self.probe_async_pools:
             return True
-        engine = recorder.engine
-        return engine is None or not engine.dialect.is_async
+        return not recorder.source.is_async
 
     def _details_allowed(self, authorization: str | None) -> bool:
         settings = self.watch.settings

@@ -73,18 +73,14 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy.pool import AssertionPool, SingletonThreadPool, StaticPool
-from sqlalchemy.util import greenlet_spawn
-
 from .._log import internal_errors
 from .._record.context import NO_REQUEST, RequestContext, current_request
-from .collector import PoolState, read_pool_state
+from .._record.source import PoolState
+from .collector import read_pool_state
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-    from sqlalchemy.pool import Pool
-
     from .._record.recorder import PoolRecorder
+    from .._record.source import PoolSource
 
 Status = Literal["ok", "down", "saturated"]
 
@@ -109,8 +105,11 @@ _MAX_RUNNING = 3
 # failure keeps all traffic (and so every sign of life) away from the pod.
 _HUNG_RETRY_SECONDS = 30.0
 
-# Pools a probe cannot use without disturbing the application (see the module docstring).
-_NEVER_PROBED = (SingletonThreadPool, StaticPool, AssertionPool)
+# SQLAlchemy's pools a probe cannot use without disturbing the application (see the module
+# docstring), by name: this module imports no SQLAlchemy (each pool's ``PoolSource`` answers).
+_NEVER_PROBED = frozenset(
+    f"sqlalchemy.pool.impl.{name}" for name in ("SingletonThreadPool", "StaticPool", "AssertionPool")
+)
 
 
 @dataclass(frozen=True)
@@ -142,9 +141,10 @@ class PoolHealth:
 NO_OWNING_LOOP = "skipped: no running event loop known to own this AsyncEngine's connections"
 
 
-def never_probed(pool: Pool | None) -> bool:
-    """Whether this pool's class cannot be probed without disturbing the application."""
-    return isinstance(pool, _NEVER_PROBED)
+def never_probed(pool: object) -> bool:
+    """Whether this SQLAlchemy pool's class (or a subclass) cannot be probed without disturbing
+    the application."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" in _NEVER_PROBED for cls in type(pool).__mro__)
 
 
 class _Progress:
@@ -262,7 +262,7 @@ async def check_pool(
     probes = probe_state(recorder)
     live = recorder.live_checkouts().count
     state = read_pool_state(recorder, live)
-    if never_probed(recorder.pool):
+    if recorder.source.never_probed():
         return PoolHealth("ok", None, None, state, recorder.pending)
     with probes.lock:
         probes.progress.observe(progress_signature(recorder), monotonic())
@@ -390,12 +390,12 @@ async def _probe_result(
                 return flight.done.result() if flight.done.done() else _timeout(flight)
             flight = None  # it runs on; a fresh probe takes its place
         if flight is None:
-            engine = recorder.engine
-            if engine is None:
+            source = recorder.source
+            if source.pool is None:
                 return ProbeResult("down", None, "EngineGone", now)
             flight = _Flight(now, min(deadline_at, now + deadline), recorder.checkouts)
             try:
-                _launch(engine, recorder, probes, flight)
+                _launch(source, recorder, probes, flight)
             except Exception as error:
                 internal_errors.record("probe_launch", error)
                 return ProbeResult("down", None, "internal", now)
@@ -479,18 +479,18 @@ def _settle(
     return result
 
 
-def _launch(engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight) -> None:
+def _launch(source: PoolSource, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight) -> None:
     """Start the probe; caller holds ``probes.lock``."""
-    if engine.dialect.is_async:
+    if source.is_async:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(_run_async(engine, recorder, probes, flight))
+        task = loop.create_task(_run_async(source, recorder, probes, flight))
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
         loop.call_later(flight.deadline_at - monotonic(), _cancel_until_done, task, monotonic())
     else:
         thread = threading.Thread(
             target=_run_sync,
-            args=(engine, recorder, probes, flight),
+            args=(source, recorder, probes, flight),
             name=f"poolwatch-probe-{recorder.name}",
             daemon=True,
         )
@@ -515,58 +515,33 @@ def _probe_context() -> RequestContext:
     return context
 
 
-def _checkout(pool: Pool) -> Any:
-    # A frame of our own between the greenlet's root and pool.connect: the checkout hook looks
-    # two frames up for the borrow site, and a greenlet's stack ends right here.
-    return pool.connect()
-
-
-def _ping(engine: Engine, recorder: PoolRecorder, dbapi_connection: Any) -> bool:
-    dialect = engine.dialect
-    # Through the class: the instance's do_ping is poolwatch's pre-ping counter.
-    return bool(type(dialect).do_ping(dialect, dbapi_connection))
-
-
-def _discard(fairy: Any) -> None:
-    """Throw away a connection the probe may have left mid-conversation, without waiting on it."""
-    try:
-        fairy.invalidate()
-    except Exception as error:
-        internal_errors.record("probe_invalidate", error)
-    try:
-        fairy.close()
-    except Exception as error:
-        internal_errors.record("probe_checkin", error)
-
-
 async def _run_async(
-    engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight
+    source: PoolSource, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight
 ) -> None:
     # The task runs in a copy of its creator's context: this label stays with the probe.
     current_request.set(_probe_context())
     started = monotonic()
-    pool = engine.pool
     error: str | None = None
     alive = False
     try:
         for attempt in range(_ATTEMPTS):
             flight.in_checkout = True
-            fairy = await greenlet_spawn(_checkout, pool)
+            fairy = await source.checkout_async()
             flight.in_checkout = False
             try:
-                alive = await greenlet_spawn(_ping, engine, recorder, fairy.dbapi_connection)
+                alive = await source.ping_async(fairy)
             except Exception:
-                _discard(fairy)
+                source.discard(fairy)
                 if attempt + 1 == _ATTEMPTS:
                     raise
                 continue
             except BaseException:
-                _discard(fairy)
+                source.discard(fairy)
                 raise
             if alive:
-                await greenlet_spawn(fairy.close)
+                await source.release_async(fairy)
                 break
-            _discard(fairy)
+            source.discard(fairy)
     except asyncio.CancelledError:
         error = "timeout"
     except Exception as failure:
@@ -575,7 +550,7 @@ async def _run_async(
         _finish(recorder, probes, flight, started, alive, error)
 
 
-def _run_sync(engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight) -> None:
+def _run_sync(source: PoolSource, recorder: PoolRecorder, probes: _PoolProbeState, flight: _Flight) -> None:
     # A new thread starts with an empty context: the label is set for this thread alone.
     current_request.set(_probe_context())
     started = monotonic()
@@ -584,22 +559,22 @@ def _run_sync(engine: Engine, recorder: PoolRecorder, probes: _PoolProbeState, f
     try:
         for attempt in range(_ATTEMPTS):
             flight.in_checkout = True
-            fairy: Any = engine.pool.connect()
+            fairy: Any = source.checkout_sync()
             flight.in_checkout = False
             try:
-                alive = _ping(engine, recorder, fairy.dbapi_connection)
+                alive = source.ping_sync(fairy)
             except Exception:
-                _discard(fairy)
+                source.discard(fairy)
                 if attempt + 1 == _ATTEMPTS:
                     raise
                 continue
             except BaseException:
-                _discard(fairy)
+                source.discard(fairy)
                 raise
             if alive:
-                fairy.close()
+                source.release_sync(fairy)
                 break
-            _discard(fairy)
+            source.discard(fairy)
     except Exception as failure:
         error = type(failure).__name__
     finally:
