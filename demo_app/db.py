@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,10 +29,13 @@ def _sqlite_sleep(seconds: Any) -> float:
 
 
 def _prepare_sqlite(dbapi_connection: Any, _record: Any) -> None:
-    """Each new SQLite connection: enforce foreign keys (off by default in SQLite), and offer
-    pg_sleep() so the slow-query endpoint works without PostgreSQL too."""
+    """Each new SQLite connection: enforce foreign keys (off by default in SQLite), write-ahead
+    logging (readers never block the writer: a request holding a connection across a sleep cannot
+    make a write fail with "database is locked"), and pg_sleep() so the slow-query endpoint works
+    without PostgreSQL too."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
     dbapi_connection.create_function("pg_sleep", 1, _sqlite_sleep)
 
@@ -52,10 +57,21 @@ def make_engine(settings: DemoSettings) -> AsyncEngine:
     )
 
 
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request: committed on success, rolled back on error, always closed."""
+    """One session per request: committed on success, rolled back on error, always closed.
+
+    On SQLite, one writing request at a time (``app.state.write_lock``, made in the lifespan):
+    SQLite has one writer, and two transactions that both read and then write fail one of them at
+    once with "database is locked", whatever the busy timeout. PostgreSQL needs no such lock."""
     sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
-    async with sessions() as session:
+    lock: asyncio.Lock | None = getattr(request.app.state, "write_lock", None)
+    async with contextlib.AsyncExitStack() as stack:
+        if lock is not None and request.method in WRITES:
+            await stack.enter_async_context(lock)
+        session = await stack.enter_async_context(sessions())
         try:
             yield session
             await session.commit()

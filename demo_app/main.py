@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -47,6 +48,7 @@ def create_app(settings: DemoSettings | None = None, registry: CollectorRegistry
             await connection.run_sync(Base.metadata.create_all)
         app.state.engine = engine
         app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        app.state.write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         try:
             yield
         finally:
