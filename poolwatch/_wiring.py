@@ -82,17 +82,18 @@ class _Instrumented:
 
 
 class _DriverInstrumented:
-    """One asyncpg pool's hooks (``_capture.asyncpg_pool``), shared like ``_Instrumented``."""
+    """One driver pool's hooks (``_capture.asyncpg_pool``, ``_capture.psycopg_pool``), shared like
+    ``_Instrumented``."""
 
     def __init__(self, name: str, pool: Any, settings: PoolWatchSettings) -> None:
-        from ._capture import asyncpg_pool
+        from ._capture.engines import driver_library
 
-        self._library = asyncpg_pool
-        asyncpg_pool.check_supported()
-        self.source = asyncpg_pool.AsyncpgSource(pool)
+        library = self._library = driver_library(pool)
+        library.check_supported()
+        self.source = library.source_for(pool)
         self.recorder = PoolRecorder(name, self.source, settings)
         self.owners = 0
-        asyncpg_pool.hook_pool(pool, self.recorder)
+        library.hook_pool(pool, self.recorder)
         sweeper.add(self.recorder)
         interval_sampler.add(self.recorder)
 

@@ -40,6 +40,7 @@ from .borrow_site import borrow_site, borrow_stack
 from .driver_errors import driver_error_class
 from .sql import operation_cache, operation_of
 from .tracing import exemplar
+from .watched_drivers import recorders as watched_driver_recorders
 
 if TYPE_CHECKING:
     from .._record.recorder import PoolRecorder
@@ -194,6 +195,10 @@ def address_of(pool: Pool) -> _Address:
     return _Address(host, port, database, user)
 
 
+def source_for(pool: Pool) -> AsyncpgSource:
+    return AsyncpgSource(pool)
+
+
 def default_name(pool: Pool) -> str:
     """host:port/database, never a user name or a password."""
     return server_label(address_of(pool))
@@ -223,6 +228,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder, slow_query_seconds: float = 0.
     original = type(pool)
     pool.__class__ = _watched_class(original, recorder)
     _hook_queue(pool._queue, recorder)
+    watched_driver_recorders.add(recorder)
     for holder in pool._holders:
         connection = holder._con
         if connection is not None and not connection.is_closed():
@@ -235,6 +241,7 @@ def unhook_pool(pool: Pool) -> None:
     if recorder is None:
         return
     pool.__class__ = type(pool).__mro__[1]
+    watched_driver_recorders.discard(recorder)
     queue = pool._queue
     if queue is not None:
         queue.__dict__.pop("get", None)
@@ -280,7 +287,8 @@ def _watched_class(original: type[Pool], recorder: PoolRecorder) -> type[Pool]:
         try:
             holder = proxy._holder
             request = get_request()
-            entry = (now, request, None, site, stack, holder, copy_context(), [0, 0.0])
+            # The usage list is as long as the statement timer of SQLAlchemy's pools makes it.
+            entry = (now, request, None, site, stack, holder, copy_context(), [0, 0.0, 0.0, 0.0, 0.0])
             if open_checkouts.setdefault(holder, entry) is entry:  # type: ignore[arg-type]
                 recorder.checkouts += 1
                 recorder.in_use += 1
@@ -452,4 +460,12 @@ def _safely(call: Any, *args: Any) -> None:
         internal_errors.record("asyncpg", error)
 
 
-__all__ = ["AsyncpgSource", "check_supported", "default_name", "hook_pool", "is_asyncpg_pool", "unhook_pool"]
+__all__ = [
+    "AsyncpgSource",
+    "check_supported",
+    "default_name",
+    "hook_pool",
+    "is_asyncpg_pool",
+    "source_for",
+    "unhook_pool",
+]

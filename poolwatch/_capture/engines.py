@@ -1,7 +1,8 @@
 """Turning what the user passed into (pool name, pool) pairs, with clear errors.
 
 A pool is a SQLAlchemy sync Engine (an AsyncEngine's ``sync_engine``), or one of the pool libraries'
-own pools: asyncpg's ``Pool`` (``_capture.asyncpg_pool``). A driver is never imported here: an
+own pools: asyncpg's ``Pool`` (``_capture.asyncpg_pool``), psycopg_pool's ``ConnectionPool`` and
+``AsyncConnectionPool`` (``_capture.psycopg_pool``). A driver is never imported here: an
 application that made such a pool has imported its library already.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy.engine import Engine
@@ -16,9 +18,11 @@ from sqlalchemy.engine import Engine
 if TYPE_CHECKING:
     # Not imported at run time: ``sqlalchemy.ext.asyncio`` costs ~0.1 s to import, and an
     # application that made an AsyncEngine has imported it already (see sync_engine_of).
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-EngineLike: TypeAlias = "Engine | AsyncEngine"
+# asyncpg's Pool is accepted too; asyncpg ships no types, so it needs no place here.
+EngineLike: TypeAlias = "Engine | AsyncEngine | ConnectionPool[Any] | AsyncConnectionPool[Any]"
 # What one argument may name: an engine, several of them, or {pool name: engine}. The containers
 # are the ones collect_engines() accepts; a wider Collection would make a type checker unable to
 # infer a {name: engine} literal that mixes Engine and AsyncEngine.
@@ -37,11 +41,32 @@ def sync_engine_of(candidate: object, where: str) -> Engine:
 
 
 def driver_pool_kind(candidate: object) -> str | None:
-    """ "asyncpg" for asyncpg's own Pool; None for anything else."""
+    """ "asyncpg" for asyncpg's own Pool, "psycopg_pool" for psycopg_pool's ConnectionPool and
+    AsyncConnectionPool (and their subclasses); None for anything else."""
     asyncpg_pool = sys.modules.get("asyncpg.pool")
     if asyncpg_pool is not None and isinstance(candidate, asyncpg_pool.Pool):
         return "asyncpg"
+    psycopg_pool = sys.modules.get("psycopg_pool")
+    if psycopg_pool is not None and isinstance(
+        candidate, (psycopg_pool.ConnectionPool, psycopg_pool.AsyncConnectionPool)
+    ):
+        return "psycopg_pool"
     return None
+
+
+def driver_library(pool: object) -> ModuleType:
+    """The ``_capture`` room of a driver pool's library (``check_supported``, ``source_for``,
+    ``hook_pool``, ``unhook_pool``, ``default_name``)."""
+    kind = driver_pool_kind(pool)
+    if kind == "asyncpg":
+        from . import asyncpg_pool
+
+        return asyncpg_pool
+    if kind == "psycopg_pool":
+        from . import psycopg_pool
+
+        return psycopg_pool
+    raise TypeError(f"poolwatch: not a pool library's pool: {type(pool).__qualname__}")
 
 
 def pool_of(candidate: object, where: str) -> Any:
@@ -56,7 +81,8 @@ def pool_of(candidate: object, where: str) -> Any:
     if driver_pool_kind(candidate) is not None:
         return candidate
     raise TypeError(
-        f"poolwatch: {where} must be a SQLAlchemy Engine or AsyncEngine, or an asyncpg Pool, "
+        f"poolwatch: {where} must be a SQLAlchemy Engine or AsyncEngine, an asyncpg Pool, or a "
+        "psycopg_pool ConnectionPool or AsyncConnectionPool, "
         f"got {type(candidate).__module__}.{type(candidate).__qualname__}"
     )
 
@@ -136,10 +162,9 @@ def collect_engines(
 
 def default_pool_name(engine: Any) -> str:
     """The pool's logging_name, else host:port/database; never a user name or a password."""
-    if driver_pool_kind(engine) == "asyncpg":
-        from .asyncpg_pool import default_name
-
-        return default_name(engine)
+    if driver_pool_kind(engine) is not None:
+        name: str = driver_library(engine).default_name(engine)
+        return name
     logging_name = getattr(engine.pool, "logging_name", None)
     if logging_name:
         return str(logging_name)
