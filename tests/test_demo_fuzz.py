@@ -9,7 +9,7 @@
 - What a newcomer meets: ids beyond the column's range, nulls in a PATCH, a taken address, the
   start-up message, a leak shown within a minute, a Ctrl-C that stops the demo in seconds.
 
-Set ``POOLWATCH_FUZZ_SEED`` to replay a run (schemathesis prints its seed).
+Set ``DEMO_FUZZ_SEED`` to replay a run (schemathesis prints its seed).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_the_fuzzer_finds_no_server_error(database_url: str, tmp_path: Path) -> 
     fuzzer = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{base}/openapi.json"]
     fuzzer += ["--checks", "not_a_server_error", "--max-examples", "40", "--request-timeout", "20"]
     fuzzer += ["--no-color"]
-    seed = os.environ.get("POOLWATCH_FUZZ_SEED")
+    seed = os.environ.get("DEMO_FUZZ_SEED")
     if seed:
         fuzzer += ["--seed", seed]
     with _process(server, log, env) as app:
