@@ -33,7 +33,7 @@ __all__ = [
     "otel_bridge",
     "watch",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Where each public name lives.
 _HOMES = {
