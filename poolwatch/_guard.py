@@ -20,6 +20,14 @@ Nothing here runs in production, and nothing here imports pytest: the plugin
   ``Engine._has_events`` set after the listener is removed; it is put back when no class-level
   listener is left, so the rest of the test session runs as it would have.
 
+- **Driver pools** (asyncpg's ``Pool``, psycopg_pool's ``ConnectionPool`` and
+  ``AsyncConnectionPool``) have no class-level events to follow. The guard reads the checkout
+  tables of the ones poolwatch watches (``poolwatch.watch(pool)`` / ``instrument(app, pool)``): a
+  checkout taken after the guard started and still in its pool's table when the guard looks is a
+  leak. A driver pool that poolwatch does not watch is not seen. Neither library gives back a
+  connection the application lost, so such a connection is always "still checked out" (never
+  "reclaimed by the garbage collector").
+
 Listeners never raise into SQLAlchemy: their own failures are swallowed and counted as internal
 errors, as everywhere in poolwatch.
 """
@@ -41,12 +49,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 
+from ._capture import watched_drivers
 from ._capture.borrow_site import borrow_site
-from ._capture.engines import default_pool_name, root_engine, sync_engine_of
+from ._capture.engines import default_pool_name, driver_pool_kind, root_engine, sync_engine_of
 from ._capture.sql import fingerprint
 from ._log import internal_errors
 from ._record.context import RequestContext, current_request
 from ._record.events import describe_site
+from ._record.recorder import perf_counter
 
 EngineLike = Engine | AsyncEngine
 
@@ -280,15 +290,22 @@ class PoolGuard:
         # Checkouts an asyncio task still held, running, when the test returned.
         self._held_by_tasks: list[tuple[_Checkout, str]] = []
         self._engines: tuple[Engine, ...] | None = None
+        # Driver pools given to ``only()`` (None: every watched driver pool), and when the guard
+        # started, on the recorders' clock: driver checkouts taken since are the test's.
+        self._driver_pools: tuple[Any, ...] | None = None
+        self._started_at = perf_counter()
         self._running = False
 
     # - public
 
-    def only(self, *engines: EngineLike) -> PoolGuard:
-        """Watch only these engines (``Engine`` or ``AsyncEngine``); returns the guard."""
+    def only(self, *engines: Any) -> PoolGuard:
+        """Watch only these engines (``Engine`` or ``AsyncEngine``) and driver pools (asyncpg's or
+        psycopg_pool's, watched by poolwatch); returns the guard."""
         if not engines:
             raise TypeError("poolwatch_guard.only() needs at least one Engine or AsyncEngine")
-        self._engines = _engines_of(engines)
+        drivers = tuple(e for e in engines if driver_pool_kind(e) is not None)
+        self._driver_pools = drivers
+        self._engines = _engines_of(e for e in engines if driver_pool_kind(e) is None)
         for record, checkout in self._open.copy().items():
             if not self._watches(checkout.pool):
                 self._open.pop(record, None)
@@ -302,6 +319,7 @@ class PoolGuard:
 
     def start(self) -> PoolGuard:
         if not self._running:
+            self._started_at = perf_counter()
             _add_guard(self)
             self._running = True
         return self
@@ -336,10 +354,34 @@ class PoolGuard:
         by_tasks = [(c, name) for c, name in self._held_by_tasks if not any(c is o for o in still_open)]
         task_of = {id(c): name for c, name in self._held_by_tasks}
         return (
-            [self._describe(c, reclaimed=False, task=task_of.get(id(c)), running=True) for c in alive]
+            self._driver_leaks()
+            + [self._describe(c, reclaimed=False, task=task_of.get(id(c)), running=True) for c in alive]
             + [self._describe(c, reclaimed=False, task=name, running=False) for c, name in by_tasks]
             + [self._describe(c, reclaimed=True) for c in [*reclaimed, *dead]]
         )
+
+    def _driver_leaks(self) -> list[Leak]:
+        """Checkouts of watched driver pools taken since the guard started and still out."""
+        found = []
+        given = self._driver_pools
+        for recorder in list(watched_drivers.recorders):
+            pool = recorder.pool
+            if pool is None or (given is not None and not any(pool is p for p in given)):
+                continue
+            for entry in list(recorder.open_checkouts.copy().values()):
+                if entry[0] < self._started_at:
+                    continue  # taken before the test (a fixture's, or another test's)
+                site, function = describe_site(entry[3])
+                found.append(
+                    Leak(
+                        reclaimed=False,
+                        site=_short_path(site),
+                        function=function,
+                        route=_route_of(entry[1]),
+                        pool=recorder.name,
+                    )
+                )
+        return found
 
     def check(self) -> None:
         """Raise ``ConnectionLeaked`` naming every connection not returned so far."""

@@ -5,8 +5,9 @@ until a test uses it: this module imports only pytest, which is loaded already, 
 guards (with SQLAlchemy) are imported the first time a test asks for ``poolwatch_guard`` or
 carries ``@pytest.mark.max_queries``. It never touches a Prometheus registry.
 
-- ``poolwatch_guard`` (fixture): follows every checkout of every pool in the process from the
-  moment the fixture is set up, or only the pools of ``poolwatch_guard.only(engine, ...)``. The
+- ``poolwatch_guard`` (fixture): follows every checkout of every SQLAlchemy pool in the process,
+  and of every asyncpg or psycopg_pool pool that poolwatch watches, from the moment the fixture
+  is set up, or only the pools of ``poolwatch_guard.only(engine_or_pool, ...)``. The
   check runs once the test's function-scoped fixtures are torn down (a fixture's session may
   rightly hold a connection until then), so a leak is reported as an error at the test's teardown,
   naming where each connection was taken and for which route. A test that failed on its own is
