@@ -118,7 +118,7 @@ def test_reassigned_creator_still_counts_every_connection(sync_url: str, registr
     samples = scrape(registry)
     assert samples.value("poolwatch_connects_total", pool="creator") == 4
     assert samples.value("poolwatch_connect_seconds_count", pool="creator") == 4
-    assert samples.value("poolwatch_disconnects_total", pool="creator") == 4
+    assert samples.total("poolwatch_disconnects_total", pool="creator") == 4
     engine.dispose()
 
 
@@ -423,7 +423,7 @@ async def test_cancelled_pre_ping_is_not_a_pre_ping_failure(
     with capture_logs() as events:
         tasks = [asyncio.create_task(checkout()) for _ in range(10)]
         deadline = time.monotonic() + 10
-        while scrape(registry).value("poolwatch_pending_requests", pool="cancel") < 10:
+        while scrape(registry).value("poolwatch_connections_pinging", pool="cancel") < 10:
             assert time.monotonic() < deadline, "the checkouts never reached their pre-ping"
             await asyncio.sleep(0.02)
         for task in tasks:
