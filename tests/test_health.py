@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 
 import poolwatch
-from poolwatch._serve.probe import PROBE_ROUTE
 from tests.fault_fixtures import CANARY, make_app, proxied, proxy, served, value, wait_until
 from tests.metrics import scrape
 from tests.proxy import FaultProxy
@@ -102,7 +101,9 @@ def test_a_full_pool_handing_out_connections_is_saturated_without_new_connection
     assert (details["status"], details["latency_seconds"], details["used"], details["max"]) == (
         "saturated", None, 2, 2,
     )  # fmt: skip
-    assert details["pending"] >= 1
+    # Queued callers: at least one (it was saturated), at most the four of the six workers that
+    # do not hold one of the pool's two connections.
+    assert 1 <= details["pending"] <= 4
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
@@ -264,8 +265,9 @@ def test_the_probes_checkouts_are_filed_under_a_route_of_their_own(
         labels["route"]: count
         for labels, count in samples.find("poolwatch_use_seconds_count", pool="primary")
     }
-    # One checkout, by the probe, filed under PROBE_ROUTE; none under <none> (work outside requests).
-    assert PROBE_ROUTE == "<probe>"
-    assert uses == {"<none>": 0, PROBE_ROUTE: 1}
+    # One checkout, by the probe, filed under the route label dashboards see, "<probe>" (spelled
+    # out: the label value is the contract, not the constant); none under <none> (work outside
+    # requests).
+    assert uses == {"<none>": 0, "<probe>": 1}
     if engine is not None:
         engine.dispose()

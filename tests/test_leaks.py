@@ -117,8 +117,14 @@ def test_leak_detection_off_captures_nothing(sync_url: str, registry: CollectorR
     with capture_logs() as events, engine.connect():
         time.sleep(0.4)
         assert all(entry[3] is None for entry in recorder.open_checkouts.values())
+        # Scraped while the connection is still held, 0.4 s in: a threshold of 0 read as "every
+        # checkout is a leak" would show it here (after the checkin nothing could be leaked).
+        held = scrape(registry)
+        assert held.value("poolwatch_connections", pool="off", state="used") == 1
+        assert held.value("poolwatch_oldest_checkout_age_seconds", pool="off") >= 0.4
+        assert held.value("poolwatch_leaked_connections", pool="off") == 0
+        assert held.value("poolwatch_leaks_total", pool="off", route="<none>") == 0
     assert [e for e in events if e["event"].startswith("poolwatch.leak")] == []
-    assert scrape(registry).value("poolwatch_leaked_connections", pool="off") == 0
     engine.dispose()
 
 

@@ -175,8 +175,83 @@ def test_setup_for_tests_stops_no_service_and_kills_no_process(
         if call.split()[0] in {"service", "systemctl", "invoke-rc.d", "pkill", "killall"}
     ]
     assert not forbidden, f"setup.sh stopped services or killed processes: {forbidden}"
-    if any(call.startswith("apt-get install") for call in calls):  # only where prometheus is missing
-        assert "setup: installing the Debian package the tests need: prometheus" in result.stdout
+    # What it says and installs when a tool is missing: test_setup_installs_a_missing_tool_and_says_so.
+
+
+def _path_without(tools: set[str], recorder: tuple[Path, Path], tmp: Path, *, uid: str = "") -> str:
+    """A PATH that finds every command the machine has except ``tools``, the recorders first.
+
+    The machine's own directories are left out of it (promtool lives beside bash in /usr/bin), so
+    one directory of links stands in for them. ``uid`` makes ``id -u`` print that number.
+    """
+    shadow = tmp / "shadow-bin"
+    shadow.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not directory or not Path(directory).is_dir() or Path(directory) == recorder[0]:
+            continue
+        for entry in Path(directory).iterdir():
+            target = shadow / entry.name
+            if entry.name in tools or target.exists() or target.is_symlink():
+                continue
+            if entry.is_file() and os.access(entry, os.X_OK):
+                target.symlink_to(entry)
+    if uid:
+        (shadow / "id").unlink(missing_ok=True)
+        (shadow / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+        (shadow / "id").chmod(0o755)
+    return os.pathsep.join([str(recorder[0]), str(shadow)])
+
+
+def _setup_with_path(
+    checkout: Path, recorder: tuple[Path, Path], tmp: Path, path: str
+) -> subprocess.CompletedProcess[str]:
+    venv_python = checkout / ".venv" / "bin" / "python"
+    if not venv_python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(checkout / ".venv")], check=True)
+    digest = subprocess.run(
+        ["sha256sum", "pyproject.toml"], cwd=checkout, capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    (checkout / ".venv" / ".poolwatch-setup-dev").write_text(digest + "\n")
+    recorder[1].write_text("")
+    env = {**_env(recorder, tmp), "PATH": path}
+    return subprocess.run(
+        ["bash", "scripts/setup.sh", "test"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_setup_installs_a_missing_tool_and_says_so(
+    checkout: Path, recorder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # promtool and prometheus missing, as root with apt-get (a recorder: nothing is installed).
+    path = _path_without({"promtool", "prometheus"}, recorder, tmp_path)
+    result = _setup_with_path(checkout, recorder, tmp_path, path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "setup: installing the Debian package the tests need: prometheus (for promtool and prometheus)"
+        in result.stdout.splitlines()
+    ), result.stdout
+    apt = [call for call in recorder[1].read_text().splitlines() if call.startswith("apt-get")]
+    # Only prometheus: the other tools (pgbouncer, chromium, chromedriver) are on this PATH.
+    assert apt == ["apt-get update -qq", "apt-get install -y -qq --no-install-recommends prometheus"], apt
+
+
+def test_setup_without_root_names_the_missing_package_and_installs_nothing(
+    checkout: Path, recorder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    path = _path_without({"promtool", "prometheus"}, recorder, tmp_path, uid="1000")
+    result = _setup_with_path(checkout, recorder, tmp_path, path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "setup: installing" not in result.stdout
+    assert (
+        "setup: the tests need Debian's prometheus package (promtool, prometheus) and it is missing;"
+        " install it with: apt-get install --no-install-recommends prometheus"
+    ) in result.stderr, result.stderr
+    assert recorder[1].read_text() == ""
 
 
 def test_a_bad_port_is_refused_naming_port(tmp_path: Path) -> None:
