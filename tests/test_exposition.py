@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -37,7 +40,9 @@ def busy_registry(sync_url: str, registry: CollectorRegistry):  # type: ignore[n
     unbounded = sa.create_engine(sync_url, poolclass=NullPool)
     watch = poolwatch.watch({'we"ird\\pool\nname': bounded, "null": unbounded}, registry=registry)
     Counter("app_orders", "An application metric beside poolwatch's.", registry=registry).inc(3)
-    for route in ("/users/{user_id}", "/orders/{order_id}", '/a"quoted\\route', "/off/100%d%%s"):
+    routes = ("/users/{user_id}", "/orders/{order_id}", '/a"quoted\\route', "/off/100%d%%s",
+              "/ünïcode/{名前}/€", "/new\nline/{id}\\n")  # fmt: skip
+    for route in routes:
         token = current_request.set(RequestContext({"type": "http", "method": "GET", "route": None}))
         current_request.get().resolved_route = route  # type: ignore[union-attr]
         try:
@@ -68,7 +73,8 @@ def test_text_output_matches_prometheus_client(busy_registry) -> None:  # type: 
     direct = samples_of(text_string_to_metric_families(direct_body))
     assert direct == general
     assert ("app_orders_total", frozenset()) in direct  # other collectors are still served
-    assert len([k for k in direct if k[0] == "poolwatch_use_seconds_bucket"]) >= 3 * 2 * 19
+    # (6 routes + <none>, there from the start) x 2 pools x 19 buckets.
+    assert len([k for k in direct if k[0] == "poolwatch_use_seconds_bucket"]) == (6 + 1) * 2 * 19
 
 
 def test_openmetrics_output_matches_prometheus_client(busy_registry) -> None:  # type: ignore[no-untyped-def]
@@ -100,3 +106,112 @@ def test_a_failing_direct_write_falls_back_to_the_general_encoder(  # type: igno
     assert samples_of(text_string_to_metric_families(body)) == samples_of(
         text_string_to_metric_families(generate_latest(registry).decode())
     )
+
+
+# -- promtool: what a real Prometheus accepts ---------------------------------------------------
+
+TEXT_ACCEPTS = [
+    None,
+    "",
+    "*/*",
+    "text/plain",
+    "text/plain; version=0.0.4",
+    "text/html, application/xhtml+xml",
+    "application/json",
+]
+
+
+def promtool_check(body: bytes) -> subprocess.CompletedProcess[str]:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: bash scripts/setup.sh test installs Debian's prometheus"
+    return subprocess.run(
+        [promtool, "check", "metrics"], input=body.decode(), capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("accept", TEXT_ACCEPTS)
+def test_the_text_format_passes_promtool_and_never_carries_exemplars(  # type: ignore[no-untyped-def]
+    busy_registry, accept: str | None
+) -> None:
+    registry, watch = busy_registry
+    rendered = render(registry, accept, None, watch.direct_collector)
+    assert rendered.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    # Exemplars were recorded (busy_registry), and the text format has no syntax for them: one
+    # there fails the whole scrape ("expected integer as timestamp").
+    assert b" # {" not in rendered.body
+    assert b"# EOF" not in rendered.body
+    checked = promtool_check(rendered.body)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
+    # The odd label values arrive escaped, as written.
+    assert b'pool="we\\"ird\\\\pool\\nname"' in rendered.body
+    assert 'route="/ünïcode/{名前}/€"'.encode() in rendered.body
+    assert b'route="/new\\nline/{id}\\\\n"' in rendered.body
+    assert b'route="/off/100%d%%s"' in rendered.body
+
+
+def test_a_text_output_with_an_exemplar_fails_promtool() -> None:
+    """The check above can fail: promtool rejects the mistake it guards against."""
+    body = (
+        b'# HELP x_seconds x\n# TYPE x_seconds histogram\nx_seconds_bucket{le="+Inf"} 1 # {trace_id="a"} 1\n'
+    )
+    checked = promtool_check(body)
+    assert checked.returncode == 1 and "parsing error" in checked.stderr
+
+
+OPENMETRICS_ACCEPTS = [
+    OPENMETRICS,
+    # What Prometheus 2.x sends when it scrapes with exemplars on.
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "application/openmetrics-text;version=1.0.0, text/plain;version=0.0.4;q=0.5",
+]
+
+
+@pytest.mark.parametrize("accept", OPENMETRICS_ACCEPTS)
+def test_the_openmetrics_format_parses_in_promtool_with_its_exemplars(  # type: ignore[no-untyped-def]
+    busy_registry, accept: str
+) -> None:
+    """promtool 2.42's `check metrics` reads the text format's grammar; an OpenMetrics body with
+    its exemplars taken off must parse there with no error (exit 3 is lint findings, 1 a parse
+    error), and its only findings are that OpenMetrics puts a counter's HELP on its family name.
+    The exemplars themselves are checked by prometheus_client's OpenMetrics parser (above) and by
+    a real Prometheus scraping OpenMetrics in tests/test_operator_e2e.py."""
+    registry, watch = busy_registry
+    rendered = render(registry, accept, None, watch.direct_collector)
+    assert rendered.content_type.startswith("application/openmetrics-text; version=")
+    body = rendered.body
+    assert body.endswith(b"# EOF\n") and body.count(b"# EOF") == 1
+    exemplar = re.compile(rb" # \{trace_id=\"[0-9a-f]{32}\"\} [0-9.e+-]+ [0-9.]+$", re.MULTILINE)
+    assert len(exemplar.findall(body)) == 2
+    bare = exemplar.sub(b"", body)
+    assert b" # {" not in bare
+    checked = promtool_check(bare)
+    assert checked.returncode in (0, 3), checked.stderr
+    assert "error while linting" not in checked.stderr and "parsing error" not in checked.stderr
+    findings = [line for line in checked.stderr.splitlines() if line]
+    assert findings and all(line.endswith("no help text") for line in findings), findings
+    assert all(line.split()[0].endswith(("_total", "_created")) for line in findings), findings
+
+
+def test_exemplars_from_real_spans_only_in_openmetrics(sync_url: str, registry: CollectorRegistry) -> None:
+    """tracing on, statements run inside a real span: exemplars in OpenMetrics, none in text."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    engine = sa.create_engine(sync_url, pool_size=1)
+    watch = poolwatch.watch(engine, registry=registry, name='tr"aced\\', tracing=True)
+    tracer = TracerProvider().get_tracer("test_exposition")
+    try:
+        with tracer.start_as_current_span("request") as span, engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+            trace_id = format(span.get_span_context().trace_id, "032x")
+        text = render(registry, None, None, watch.direct_collector).body
+        openmetrics = render(registry, OPENMETRICS, None, watch.direct_collector).body
+    finally:
+        watch.close()
+        engine.dispose()
+    assert b" # {" not in text
+    checked = promtool_check(text)
+    assert (checked.returncode, checked.stderr) == (0, "")
+    found = samples_of(parse_openmetrics(openmetrics.decode()))
+    trace_ids = {e[0]["trace_id"] for _, e in found.values() if e is not None}
+    assert trace_ids == {trace_id}
