@@ -397,7 +397,8 @@ class _Wait:
             held = perf_counter() - entry[0]
             request = entry[1]
             key = NO_REQUEST_KEY if request is None else (request.key or request.labels())
-            histograms = recorder.histograms_for(key)
+            # Read without the lock once made (one dict read); made under it the first time.
+            histograms = recorder.histograms_by_key.get(key) or recorder.histograms_for(key)
             histograms[0].observe(held)
             idle = held - entry[7][1]
             histograms[1].observe(idle)
