@@ -44,6 +44,11 @@ class PoolWatchSettings(BaseSettings):
     slow_query_seconds: float = Field(1.0, ge=0, allow_inf_nan=False)
     # One checkout holding its connection this long outside any statement is logged; 0 off.
     held_idle_seconds: float = Field(5.0, ge=0, allow_inf_nan=False)
+    # Of that, the time idle inside an open transaction (locks held, vacuum held back); 0 off.
+    idle_in_transaction_seconds: float = Field(5.0, ge=0, allow_inf_nan=False)
+    # A checkout taken before a streaming, SSE or file response started and held this long after
+    # it started (a yield dependency's session living until the stream ends) is logged; 0 off.
+    held_during_response_seconds: float = Field(5.0, ge=0, allow_inf_nan=False)
     # None (or an empty POOLWATCH_METRICS_PATH) serves nothing there: for an application that
     # exposes the registry itself.
     metrics_path: str | None = "/metrics"
@@ -132,6 +137,8 @@ class PoolWatchSettings(BaseSettings):
         "leak_threshold_seconds",
         "slow_query_seconds",
         "held_idle_seconds",
+        "idle_in_transaction_seconds",
+        "held_during_response_seconds",
         "health_deadline_seconds",
         "health_cache_seconds",
         "health_stall_seconds",
@@ -181,6 +188,8 @@ class SettingsKeywords(TypedDict, total=False):
     leak_capture_stack: bool
     slow_query_seconds: float
     held_idle_seconds: float
+    idle_in_transaction_seconds: float
+    held_during_response_seconds: float
     metrics_path: str | None
     health_db_path: str | None
     health_live_path: str | None

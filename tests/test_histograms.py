@@ -230,5 +230,5 @@ def test_connect_seconds_is_the_time_to_open_each_connection(
     assert_histogram(registry, "poolwatch_wait_seconds", bands, pool="connect")
     samples = scrape(registry)
     assert samples.value("poolwatch_connects_total", pool="connect") == 2
-    assert samples.value("poolwatch_disconnects_total", pool="connect") == 2
+    assert samples.total("poolwatch_disconnects_total", pool="connect") == 2
     engine.dispose()

@@ -42,6 +42,7 @@ EXPECTED_ALERTS = {
     "PoolWatchSlowQueries",
     "PoolWatchThreadpoolStarvation",
     "PoolWatchFleetCapacityExceedsServer",
+    "PoolWatchIdleInTransaction",
 }
 
 # What the issue asks each dashboard to show, as the metrics that must be queried for it.
@@ -57,6 +58,8 @@ REQUIRED_METRICS = {
         "poolwatch_disconnects_total",
         "poolwatch_pre_ping_failures_total",
         "poolwatch_invalidations_total",
+        "poolwatch_checkouts_queued_total",
+        "poolwatch_waits_cancelled_total",
     },
     "poolwatch-routes-queries": {
         "poolwatch_use_seconds_bucket",
@@ -67,6 +70,8 @@ REQUIRED_METRICS = {
         "poolwatch_leaks_total",
         "poolwatch_gc_reclaimed_total",
         "poolwatch_oldest_checkout_age_seconds",
+        "poolwatch_idle_in_transaction_seconds_bucket",
+        "poolwatch_held_after_response_seconds_bucket",
     },
     # Issue 16: which cause is behind an exhausted pool.
     "poolwatch-causes": {

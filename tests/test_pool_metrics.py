@@ -306,7 +306,7 @@ def test_null_pool_counts_open_connections(sync_url: str, registry: CollectorReg
     samples = scrape(registry)
     assert samples.value("poolwatch_connections", pool="null", state="used") == 0
     assert samples.value("poolwatch_connects_total", pool="null") == 3
-    assert samples.value("poolwatch_disconnects_total", pool="null") == 3
+    assert samples.total("poolwatch_disconnects_total", pool="null") == 3
 
 
 async def test_sqlite_through_aiosqlite(tmp_path, registry: CollectorRegistry) -> None:  # type: ignore[no-untyped-def]
@@ -354,7 +354,7 @@ def test_series_exist_as_zeros_from_the_start(sync_url: str, registry: Collector
     samples = scrape(registry)
     for counter in (
         "poolwatch_checkouts_total", "poolwatch_checkins_total", "poolwatch_connects_total",
-        "poolwatch_disconnects_total",
+        "poolwatch_checkouts_queued_total",
         "poolwatch_pre_ping_failures_total", "poolwatch_wait_seconds_count",
         "poolwatch_connect_seconds_count", "poolwatch_pending_requests",
         "poolwatch_connections_overflow",
@@ -363,6 +363,14 @@ def test_series_exist_as_zeros_from_the_start(sync_url: str, registry: Collector
     assert samples.value("poolwatch_use_seconds_count", pool="fresh", route="<none>", method="<none>") == 0
     assert samples.value("poolwatch_held_idle_seconds_count", pool="fresh", route="<none>") == 0
     assert samples.value("poolwatch_timeouts_total", pool="fresh", route="<none>") == 0
+    for reason in ("recycled", "invalidated", "overflow", "reset_failed", "disposed", "other"):
+        assert samples.value("poolwatch_disconnects_total", pool="fresh", reason=reason) == 0, reason
+    assert samples.value("poolwatch_waits_cancelled_total", pool="fresh", route="<none>") == 0
+    for histogram in (
+        "poolwatch_idle_in_transaction_seconds_count",
+        "poolwatch_held_after_response_seconds_count",
+    ):
+        assert samples.value(histogram, pool="fresh", route="<none>") == 0, histogram
     assert samples.value("poolwatch_connections_max", pool="fresh") == 15
     # Watching and scraping cost no internal error, and the counter reports the process's count.
     assert samples.value("poolwatch_internal_errors_total") == internal_errors.count == errors_before
@@ -518,5 +526,5 @@ def test_connections_are_closed_as_sqlalchemy_asked_gently_or_hard(
     third.close()
     # (psycopg's terminate is SQLAlchemy's default one, which closes.)
     assert dialect.closes == [("close", True), ("terminate", True), ("close", True)]
-    assert scrape(registry).value("poolwatch_disconnects_total", pool="closes") == 2
+    assert scrape(registry).total("poolwatch_disconnects_total", pool="closes") == 2
     engine.dispose()

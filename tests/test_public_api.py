@@ -30,6 +30,8 @@ SETTINGS = {
     "leak_capture_stack": False,
     "slow_query_seconds": 1.0,
     "held_idle_seconds": 5.0,
+    "idle_in_transaction_seconds": 5.0,
+    "held_during_response_seconds": 5.0,
     "metrics_path": "/metrics",
     "health_db_path": "/health/db",
     "health_live_path": "/health/live",
@@ -54,7 +56,9 @@ SETTINGS = {
 EVENT_NAMES = [
     "poolwatch.gc_reclaimed",
     "poolwatch.health_changed",
+    "poolwatch.held_during_response",
     "poolwatch.held_idle",
+    "poolwatch.idle_in_transaction",
     "poolwatch.internal_error",
     "poolwatch.leak_detected",
     "poolwatch.leak_returned",
@@ -86,7 +90,9 @@ CATALOGUE = [
     ("poolwatch_checkouts_total", "counter", ("pool",)),
     ("poolwatch_checkins_total", "counter", ("pool",)),
     ("poolwatch_connects_total", "counter", ("pool",)),
-    ("poolwatch_disconnects_total", "counter", ("pool",)),
+    ("poolwatch_disconnects_total", "counter", ("pool", "reason")),
+    ("poolwatch_checkouts_queued_total", "counter", ("pool",)),
+    ("poolwatch_waits_cancelled_total", "counter", ("pool", "route")),
     ("poolwatch_timeouts_total", "counter", ("pool", "route")),
     ("poolwatch_connect_errors_total", "counter", ("pool", "error")),
     ("poolwatch_pre_ping_failures_total", "counter", ("pool",)),
@@ -102,6 +108,8 @@ CATALOGUE = [
     ("poolwatch_query_seconds", "histogram", ("pool", "operation")),
     ("poolwatch_request_queries", "histogram", ("route", "method")),
     ("poolwatch_held_idle_seconds", "histogram", ("pool", "route")),
+    ("poolwatch_idle_in_transaction_seconds", "histogram", ("pool", "route")),
+    ("poolwatch_held_after_response_seconds", "histogram", ("pool", "route")),
 ]
 
 

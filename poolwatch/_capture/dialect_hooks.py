@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 from .._log import internal_errors
 from .._record.context import current_request, route_label
 from .._record.events import SlowQuery, emit
+from .._record.holds import close_stretch
 from .._record.recorder import perf_counter
 from .driver_errors import driver_error_class
 from .sql import fingerprint, operation_cache, operation_of
 from .streamed_rows import time_fetches
 from .tracing import exemplar
+from .transactions import FLAG, LIBPQ_STATUS, TransactionReader, is_open, transaction_reader
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
@@ -37,14 +39,18 @@ if TYPE_CHECKING:
     from .._record.recorder import PoolRecorder
 
 _MARK = "_poolwatch_recorder"
-_WRAPPED = ("do_execute", "do_executemany", "do_execute_no_params", "do_ping", "connect")
+_WRAPPED = (
+    "do_execute", "do_executemany", "do_execute_no_params", "do_ping", "connect", "do_commit", "do_rollback"
+)  # fmt: skip
 
 
 def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: float) -> None:
     if getattr(dialect, _MARK, None) is recorder:
         return
     unhook_dialect(dialect)
-    timed = _StatementTimer(recorder, slow_query_seconds)
+    read_transaction = transaction_reader(dialect)
+    hook_ends = None if read_transaction is None else _transaction_ends(dialect, recorder)
+    timed = _StatementTimer(recorder, slow_query_seconds, read_transaction, hook_ends)
     original_execute = dialect.do_execute
     original_executemany = dialect.do_executemany
     original_no_params = dialect.do_execute_no_params
@@ -59,9 +65,9 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
         try:
             original_execute(cursor, statement, parameters, context)
         except BaseException as error:
-            _query_failed(recorder, statement, error, perf_counter() - started, context)
+            _query_failed(recorder, statement, error, started, context, read_transaction)
             raise
-        finished(statement, perf_counter() - started, context)
+        finished(statement, started, context)
 
     def do_executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
         around(original_executemany, statement, context, cursor, statement, parameters, context)
@@ -106,6 +112,48 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
     setattr(dialect, _MARK, recorder)
 
 
+def _transaction_ends(dialect: Dialect, recorder: PoolRecorder) -> Callable[[], None]:
+    """A commit or rollback ends the open transaction's idle stretch (``_record.holds``): at its
+    start, since the round trip is not idle.
+
+    Returns what installs the two wrappers. They go on when the first statement leaves a
+    transaction open, not before: the pool's reset on return calls ``do_rollback`` at every
+    checkin, and until a transaction has been seen there is no stretch to end (a pool used without
+    statements, or only in autocommit, never pays for them). A stretch still open at checkin is
+    ended there.
+    """
+    original_commit = dialect.do_commit
+    original_rollback = dialect.do_rollback
+    open_checkouts = recorder.open_checkouts
+
+    def end_stretch(connection: Any) -> None:
+        try:
+            # SQLAlchemy passes the pool's proxy; a pool sharing records keys it by its id.
+            entry = open_checkouts.get(getattr(connection, "_connection_record", None))
+            if entry is None:
+                entry = open_checkouts.get(id(connection))
+            if entry is not None and entry[7][3]:
+                close_stretch(entry[7], perf_counter())
+        except Exception as error:
+            internal_errors.record("transaction_end", error)
+
+    def do_commit(dbapi_connection: Any) -> None:
+        end_stretch(dbapi_connection)
+        original_commit(dbapi_connection)
+
+    def do_rollback(dbapi_connection: Any) -> None:
+        end_stretch(dbapi_connection)
+        original_rollback(dbapi_connection)
+
+    def install() -> None:
+        # Idempotent: two threads installing at once put the same two functions in place.
+        if getattr(dialect, _MARK, None) is recorder:
+            dialect.do_commit = do_commit  # type: ignore[method-assign]
+            dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+
+    return install
+
+
 def unhook_dialect(dialect: Dialect) -> None:
     if getattr(dialect, _MARK, None) is None:
         return
@@ -118,7 +166,16 @@ class _StatementTimer:
     """Times one driver call and files it under its operation; counts it for the request and adds
     it to its checkout's usage."""
 
-    def __init__(self, recorder: PoolRecorder, slow_query_seconds: float) -> None:
+    def __init__(
+        self,
+        recorder: PoolRecorder,
+        slow_query_seconds: float,
+        read_transaction: TransactionReader | None,
+        hook_ends: Callable[[], None] | None,
+    ) -> None:
+        ends_hooked = [hook_ends is None]
+        read_state = None if read_transaction is None else read_transaction[0]
+        mode = LIBPQ_STATUS if read_transaction is None else read_transaction[1]
         histograms = recorder.query
         open_checkouts = recorder.open_checkouts
         get_request = current_request.get
@@ -127,7 +184,10 @@ class _StatementTimer:
         exemplars = recorder.query_exemplars
 
         # Closures rather than methods: locals are the cheapest lookups on a per-statement path.
-        def finished(statement: str, elapsed: float, context: Any) -> None:
+        def finished(statement: str, started: float, context: Any) -> None:
+            nonlocal read_state
+            ended = perf_counter()
+            elapsed = ended - started
             try:
                 request = get_request()
                 if request is not None:
@@ -140,20 +200,48 @@ class _StatementTimer:
                 histogram.total += elapsed
                 if context is not None:
                     try:
-                        connection_record = context._dbapi_connection._connection_record
+                        proxy = context._dbapi_connection
+                        connection_record = proxy._connection_record
                         server_side = context._is_server_side
                     except AttributeError:  # a context that is not SQLAlchemy's default one
-                        connection_record = None
+                        connection_record = proxy = None
                     entry = open_checkouts.get(connection_record)
                     if entry is None:
                         # A pool that shares one record among checkouts keys them by their proxy.
-                        entry = open_checkouts.get(id(context._dbapi_connection))
+                        entry = open_checkouts.get(id(proxy))
                     if entry is not None:
                         usage = entry[7]
+                        began = usage[3]
+                        if began:  # idle inside a transaction since the last statement ended
+                            usage[2] += (started - began) - (usage[1] - usage[4])
                         usage[0] += 1
                         usage[1] += elapsed
                         if server_side:  # the query runs as its rows are fetched
                             time_fetches(context, usage)
+                        # Still (or now) inside a transaction: idle from here is idle in it. Read
+                        # inline (``transactions.is_open``): no Python call per statement.
+                        in_transaction = False
+                        if read_state is not None:
+                            try:
+                                state = read_state(proxy.dbapi_connection)
+                            except AttributeError as error:  # not the driver's usual shape: stop
+                                read_state = None
+                                internal_errors.record("transaction_status", error)
+                            else:
+                                if mode == LIBPQ_STATUS:
+                                    in_transaction = state == 2 or state == 3
+                                elif mode == FLAG:
+                                    in_transaction = state is True
+                                else:
+                                    in_transaction = is_open(state, mode)
+                        if in_transaction:
+                            usage[3] = ended
+                            usage[4] = usage[1]
+                            if not ends_hooked[0]:
+                                ends_hooked[0] = True
+                                hook_ends()  # type: ignore[misc]
+                        else:
+                            usage[3] = 0.0
                 if tracing:
                     found = exemplar(elapsed)
                     if found is not None:
@@ -168,9 +256,9 @@ class _StatementTimer:
             try:
                 result = call(*args)
             except BaseException as error:
-                _query_failed(recorder, statement, error, perf_counter() - started, context)
+                _query_failed(recorder, statement, error, started, context, read_transaction)
                 raise
-            finished(statement, perf_counter() - started, context)
+            finished(statement, started, context)
             return result
 
         self.finished = finished
@@ -178,10 +266,18 @@ class _StatementTimer:
 
 
 def _query_failed(
-    recorder: PoolRecorder, statement: str, error: BaseException, elapsed: float, context: Any
+    recorder: PoolRecorder,
+    statement: str,
+    error: BaseException,
+    started: float,
+    context: Any,
+    read_transaction: TransactionReader | None,
 ) -> None:
     """A statement that raised or was cancelled: counted, and its time added to its checkout's
-    usage, since the connection waited on the database for it as for any other."""
+    usage, since the connection waited on the database for it as for any other. A transaction a
+    failed statement leaves open (aborted) is still open: idle in it counts."""
+    ended = perf_counter()
+    elapsed = ended - started
     try:
         request = current_request.get()
         if request is not None:
@@ -196,11 +292,24 @@ def _query_failed(
                 entry = recorder.open_checkouts.get(id(getattr(context, "_dbapi_connection", None)))
             if entry is not None:
                 usage = entry[7]
+                close_stretch(usage, started)
                 usage[0] += 1
                 usage[1] += elapsed
+                proxy = getattr(context, "_dbapi_connection", None)
+                if read_transaction is not None and _still_open(read_transaction, proxy):
+                    usage[3] = ended
+                    usage[4] = usage[1]
         recorder.query_failed(operation_of(statement), type(error).__name__)
     except Exception as failure:
         internal_errors.record("query_failed", failure)
+
+
+def _still_open(read_transaction: TransactionReader, proxy: Any) -> bool:
+    try:
+        read_state, mode = read_transaction
+        return is_open(read_state(proxy.dbapi_connection), mode)
+    except Exception:  # a connection the failure broke: no transaction to speak of
+        return False
 
 
 def _connect_failed(recorder: PoolRecorder, error: Exception) -> None:

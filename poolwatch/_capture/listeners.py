@@ -49,6 +49,9 @@ class EngineListeners:
         def on_connect(dbapi_connection: Any, record: Any) -> None:
             if not watched_by(record, recorder):
                 return
+            # A new DBAPI connection in this record: it has served no checkout yet (the checkout
+            # hook counts them, for the live page's ``uses``).
+            record._poolwatch_uses = 0
             # SQLAlchemy stamps the record with time.time() just before it calls the creator.
             started = getattr(record, "starttime", None)
             elapsed = time.time() - started if isinstance(started, float) else 0.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from _thread import get_ident
 from bisect import bisect_left
 from collections.abc import Callable
 from contextvars import copy_context
@@ -29,10 +30,12 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.util.queue import Empty
 
 from .._log import internal_errors
-from .._record.context import NO_REQUEST_KEY, current_request
+from .._record.context import NO_REQUEST_KEY, current_request, route_label
+from .._record.holds import close_stretch, returned_after_response
 from .._record.recorder import CheckoutEntry, Exemplar, perf_counter
 from .._record.timeout_note import add_timeout_note
 from .borrow_site import borrow_site, borrow_stack, is_library_file
+from .closings import closing_reason
 from .tracing import exemplar
 
 if TYPE_CHECKING:
@@ -79,7 +82,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     bounds = wait.bounds
     first = wait.first
     # A checkin held longer than this may be a leak or held idle too long: a closer look.
-    thresholds = [t for t in (recorder.leak_threshold, recorder.held_idle_threshold) if t > 0]
+    thresholds = [t for t in _notable_thresholds(recorder) if t > 0]
     notable = min(thresholds, default=float("inf"))
     capture_site = recorder.capture_site
     capture_stack = recorder.capture_stack
@@ -87,7 +90,10 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     timeout_note = recorder.timeout_note
     get_request = current_request.get
     shares_records = isinstance(pool, _SHARED_RECORD_POOLS)
-    _hook_queue(pool, recorder)
+    # Threads that waited in the queue for a free slot during their current Pool.connect (see
+    # ``_hook_queue``): empty, and so one truth test, while no caller queues.
+    queued_threads: dict[int, bool] = {}
+    _hook_queue(pool, recorder, queued_threads)
 
     def connect() -> Any:
         recorder.waits_started += 1
@@ -95,20 +101,34 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
         try:
             fairy = original_connect()
         except sa_exc.TimeoutError as error:
+            if queued_threads:
+                queued_threads.pop(get_ident(), None)
             _failed_wait(recorder, started, timed_out=True)
             if timeout_note:
                 add_timeout_note(recorder, error)
             raise
-        except BaseException:
+        except BaseException as error:
+            if queued_threads:
+                queued_threads.pop(get_ident(), None)
             _failed_wait(recorder, started, timed_out=False)
+            if not isinstance(error, Exception):
+                _maybe_cancelled(recorder, error)
             raise
         # Observed first and outside the try: from here on this caller is not waiting.
         now = perf_counter()
         waited = now - started
         wait_counts[0 if waited <= first else bisect_left(bounds, waited)] += 1
         wait.total += waited
+        if queued_threads and queued_threads.pop(get_ident(), False):
+            recorder.checkouts_queued += 1
         try:
             record = fairy._connection_record
+            # Checkouts this DBAPI connection has served (the live page's ``uses``): kept on the
+            # record, set to 0 by the connect listener when the record opens a new connection.
+            try:
+                record._poolwatch_uses += 1
+            except AttributeError:  # opened before poolwatch watched the pool
+                record._poolwatch_uses = 1
             request = get_request()
             site = None
             if capture_site:
@@ -131,7 +151,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                 borrow_stack(2) if capture_stack else None,
                 record,
                 copy_context(),
-                [0, 0.0],
+                [0, 0.0, 0.0, 0.0, 0.0],
             )
             if shares_records:
                 _checkout_shared(recorder, fairy, entry)
@@ -155,19 +175,35 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
             entry = None if shares_records else open_checkouts.pop(record, None)
             if entry is not None:  # else taken before poolwatch was installed
                 recorder.in_use -= 1
-                held = perf_counter() - entry[0]
+                now = perf_counter()
+                held = now - entry[0]
                 request = entry[1]
                 if request is None:
                     key = NO_REQUEST_KEY
-                    use, idle_histogram = no_request_histograms
+                    use, idle_histogram, transaction_histogram = no_request_histograms
                 else:
                     key = request.key or request.labels()
-                    use, idle_histogram = histograms_by_key.get(key) or histograms_for(key)
+                    use, idle_histogram, transaction_histogram = histograms_by_key.get(key) or histograms_for(
+                        key
+                    )
+                    if request.response_started and request.response_started_at > entry[0]:
+                        returned_after_response(recorder, entry, request, key[0], now)
                 use.counts[0 if held <= first else bisect_left(bounds, held)] += 1
                 use.total += held
-                idle = held - entry[7][1]
+                usage = entry[7]
+                idle = held - usage[1]
                 idle_histogram.counts[0 if idle <= first else bisect_left(bounds, idle)] += 1
                 idle_histogram.total += idle
+                # Idle inside a transaction, a stretch still open counted up to now (the pool's
+                # reset normally closed it already).
+                in_transaction = usage[2]
+                if usage[3]:
+                    close_stretch(usage, now)
+                    in_transaction = usage[2]
+                transaction_histogram.counts[
+                    0 if in_transaction <= first else bisect_left(bounds, in_transaction)
+                ] += 1
+                transaction_histogram.total += in_transaction
                 if tracing:
                     _keep_exemplar(recorder.use_exemplars, key, held)
                 fairy_ref = entry[2]
@@ -176,7 +212,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
                     or (leaked_records and record in leaked_records)
                     or (fairy_ref is not None and fairy_ref() is None)
                 ):
-                    recorder.returned_notably(CheckoutEntry(*entry), key, held, idle)
+                    recorder.returned_notably(CheckoutEntry(*entry), key, held, idle, in_transaction)
         except Exception as error:
             internal_errors.record("checkin", error)
         original_return(record)
@@ -186,7 +222,7 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
             original_close(connection, terminate=terminate)
         finally:
             try:
-                recorder.disconnected()
+                recorder.disconnected(closing_reason(getframe(1)))
             except Exception as error:
                 internal_errors.record("disconnect", error)
 
@@ -200,8 +236,9 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
     setattr(pool, _MARK, recorder)
 
 
-def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
-    """Count the callers blocked in the pool's queue for a free slot (``pending``).
+def _hook_queue(pool: Pool, recorder: PoolRecorder, queued_threads: dict[int, bool]) -> None:
+    """Count the callers blocked in the pool's queue for a free slot (``pending``), and the
+    checkouts that had to (``checkouts_queued``).
 
     ``QueuePool`` waits for a free slot only inside its queue's ``not_empty.wait()``, which runs
     only when the queue is empty: hooking that wait counts exactly the queued callers and costs the
@@ -209,6 +246,11 @@ def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
     pre-pinging one are not queueing. The asyncio queue (``AsyncAdaptedQueue``) has no such seam
     of its own, so its blocking ``get`` is wrapped instead, and a free connection is taken without
     counting.
+
+    A caller may wait on the condition more than once in one ``get`` (woken, and another thread
+    took the connection first): its thread is marked in ``queued_threads`` and the checkout counted
+    once, by ``connect`` when it succeeds. The asyncio queue's ``get`` blocks once per call, so a
+    blocking get that returns is a queued checkout.
     """
     queue = pool.__dict__.get("_pool")
     if queue is None or not hasattr(queue, "__dict__"):
@@ -222,6 +264,7 @@ def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
         original_wait = condition.wait
 
         def queued_wait(timeout: float | None = None) -> Any:
+            queued_threads[get_ident()] = True
             # No call between the count and its peak: both stay exact (``take_peaks``).
             recorder.queued += 1
             if recorder.queued > recorder.peak_queued:
@@ -251,9 +294,11 @@ def _hook_queue(pool: Pool, recorder: PoolRecorder) -> None:
         if recorder.queued > recorder.peak_queued:
             recorder.peak_queued = recorder.queued
         try:
-            return original_get(block, timeout)
+            got = original_get(block, timeout)
         finally:
             recorder.queued -= 1
+        recorder.checkouts_queued += 1
+        return got
 
     queue.get = queued_get
     queue.__dict__[_QUEUE_MARK] = ("get", queue)
@@ -320,18 +365,24 @@ def _checkin_shared(recorder: PoolRecorder, key: int, entry: tuple[Any, ...]) ->
         if open_checkouts.pop(key, None) is not entry:
             return
         recorder.in_use -= 1
-        held = perf_counter() - entry[0]
+        now = perf_counter()
+        held = now - entry[0]
         request = entry[1]
         key_labels = NO_REQUEST_KEY if request is None else (request.key or request.labels())
-        use, idle_histogram = recorder.histograms_for(key_labels)
+        use, idle_histogram, transaction_histogram = recorder.histograms_for(key_labels)
         use.observe(held)
-        idle = held - entry[7][1]
+        usage = entry[7]
+        idle = held - usage[1]
         idle_histogram.observe(idle)
+        close_stretch(usage, now)
+        transaction_histogram.observe(usage[2])
+        if request is not None and request.response_started and request.response_started_at > entry[0]:
+            returned_after_response(recorder, entry, request, key_labels[0], now)
         fairy_ref = entry[2]
-        thresholds = [t for t in (recorder.leak_threshold, recorder.held_idle_threshold) if t > 0]
+        thresholds = [t for t in _notable_thresholds(recorder) if t > 0]
         gone = fairy_ref is not None and fairy_ref() is None
         if held > min(thresholds, default=float("inf")) or key in recorder.leaked_records or gone:
-            recorder.returned_notably(CheckoutEntry(*entry), key_labels, held, idle)
+            recorder.returned_notably(CheckoutEntry(*entry), key_labels, held, idle, usage[2])
     except Exception as error:
         internal_errors.record("checkin", error)
 
@@ -409,6 +460,24 @@ def _keep_exemplar(exemplars: dict[K, Exemplar], key: K, value: float) -> None:
     found = exemplar(value)
     if found is not None:
         exemplars[key] = found
+
+
+def _notable_thresholds(recorder: PoolRecorder) -> tuple[float, ...]:
+    """Thresholds a checkin may cross that call for a closer look (``returned_notably``): each
+    of them bounds hold time from below."""
+    return (recorder.leak_threshold, recorder.held_idle_threshold, recorder.idle_in_transaction_threshold)
+
+
+def _maybe_cancelled(recorder: PoolRecorder, error: BaseException) -> None:
+    """A caller that left ``Pool.connect`` by cancellation (asyncio's CancelledError, trio's
+    Cancelled, a killed greenlet): a client that gave up, counted apart from timeouts. An interrupt
+    or an exit of the process is not a client giving up."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return
+    try:
+        recorder.wait_cancelled(route_label(current_request.get()))
+    except Exception as failure:
+        internal_errors.record("wait_cancelled", failure)
 
 
 def _failed_wait(recorder: PoolRecorder, started: float, *, timed_out: bool) -> None:

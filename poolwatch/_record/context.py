@@ -29,7 +29,17 @@ METHODS = frozenset(
 class RequestContext:
     """One HTTP request. The route is resolved lazily: routing happens after the middleware runs."""
 
-    __slots__ = ("early_route", "key", "method", "queries", "resolved_route", "response_started", "scope")
+    __slots__ = (
+        "early_route",
+        "key",
+        "method",
+        "queries",
+        "resolved_route",
+        "response_headers",
+        "response_started",
+        "response_started_at",
+        "scope",
+    )
 
     def __init__(self, scope: MutableMapping[str, Any]) -> None:
         self.scope = scope
@@ -39,8 +49,12 @@ class RequestContext:
         method = "WEBSOCKET" if scope.get("type") == "websocket" else scope.get("method")
         # Anything but a registered method is OTHER: clients cannot add series.
         self.method = method if method.__class__ is str and method in METHODS else "OTHER"
-        # Set once the app has begun its response: work after that outlives the request.
+        # Set once the app has begun its response: work after that outlives the request. When it
+        # began (perf_counter) and its headers, which say what kind of body follows (a stream, SSE,
+        # a file): read only for a checkout that outlives the start (``response_kind``).
         self.response_started = False
+        self.response_started_at = 0.0
+        self.response_headers: Any = None
         # The template once known; read directly on the hot path to skip the property call.
         self.resolved_route: str | None = None
         # (route, method) once the route is known: the key of the per-route histograms, made once.
@@ -73,6 +87,25 @@ class RequestContext:
         template = route_template(route, self.scope)
         self.resolved_route = template
         return template
+
+
+def response_kind(context: RequestContext) -> str:
+    """``sse``, ``file``, ``streaming`` (a body without a Content-Length, sent in pieces) or
+    ``plain``, from the response's start message."""
+    headers = context.response_headers
+    sized = False
+    try:
+        for name, value in headers or ():
+            name = bytes(name).lower()
+            if name == b"content-type" and bytes(value).lower().startswith(b"text/event-stream"):
+                return "sse"
+            if name == b"content-disposition" or name == b"accept-ranges":
+                return "file"
+            if name == b"content-length":
+                sized = True
+    except (TypeError, ValueError):  # headers that are not ASGI's (bytes, bytes) pairs
+        return "plain"
+    return "plain" if sized else "streaming"
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("poolwatch_request", default=None)

@@ -120,6 +120,76 @@ class HeldIdle:
 
 
 @dataclass(frozen=True, slots=True)
+class IdleInTransaction:
+    """One checkout sat idle inside an open transaction (no statement running, a transaction
+    begun and not yet committed or rolled back) for longer than ``idle_in_transaction_seconds``,
+    summed over the checkout. Such a session holds its locks and its snapshot, which keeps vacuum
+    from cleaning up; PostgreSQL's ``idle_in_transaction_session_timeout`` kills it without
+    saying which code opened it. Read from the driver without a round trip."""
+
+    name: ClassVar[str] = "poolwatch.idle_in_transaction"
+    level: ClassVar[Level] = "warning"
+
+    pool: str
+    route: str
+    method: str
+    seconds_held: float
+    seconds_idle_in_transaction: float
+    threshold_seconds: float
+    statements: int
+    site: str
+    function: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "route": self.route,
+            "method": self.method,
+            "seconds_held": round(self.seconds_held, 3),
+            "seconds_idle_in_transaction": round(self.seconds_idle_in_transaction, 3),
+            "threshold_seconds": self.threshold_seconds,
+            "statements": self.statements,
+            "site": self.site,
+            "function": self.function,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HeldDuringResponse:
+    """A connection taken before a streaming, SSE or file response started stayed out for longer
+    than ``held_during_response_seconds`` after it started: almost always a dependency with
+    ``yield`` whose session lives until the response body ends."""
+
+    name: ClassVar[str] = "poolwatch.held_during_response"
+    level: ClassVar[Level] = "warning"
+
+    pool: str
+    route: str
+    method: str
+    response: str  # "sse", "streaming" or "file"
+    seconds_held: float
+    seconds_after_response_started: float
+    threshold_seconds: float
+    site: str
+    function: str
+    likely_cause: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "route": self.route,
+            "method": self.method,
+            "response": self.response,
+            "seconds_held": round(self.seconds_held, 3),
+            "seconds_after_response_started": round(self.seconds_after_response_started, 3),
+            "threshold_seconds": self.threshold_seconds,
+            "site": self.site,
+            "function": self.function,
+            "likely_cause": self.likely_cause,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class GcReclaimed:
     """A checkout was never returned: the garbage collector gave the connection back."""
 
@@ -279,11 +349,11 @@ class ThreadpoolStarvation:
 
 Event = (
     LeakDetected | LeakReturned | HeldIdle | GcReclaimed | PoolTimeout | PrePingFailed | SlowQuery
-    | HealthChanged | ThreadpoolStarvation
+    | HealthChanged | ThreadpoolStarvation | IdleInTransaction | HeldDuringResponse
 )  # fmt: skip
 EVENT_TYPES: tuple[type[Event], ...] = (
     LeakDetected, LeakReturned, HeldIdle, GcReclaimed, PoolTimeout, PrePingFailed, SlowQuery, HealthChanged,
-    ThreadpoolStarvation,
+    ThreadpoolStarvation, IdleInTransaction, HeldDuringResponse,
 )  # fmt: skip
 
 

@@ -43,6 +43,7 @@ from .events import (
     Event,
     GcReclaimed,
     HeldIdle,
+    IdleInTransaction,
     LeakDetected,
     LeakReturned,
     PoolTimeout,
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
     from .source import PoolSource
 
 OPERATIONS = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRANSACTION", "DDL", "OTHER")
+# Why a DBAPI connection was closed (poolwatch_disconnects_total's reason label).
+DISCONNECT_REASONS = ("recycled", "invalidated", "overflow", "reset_failed", "disposed", "other")
 
 perf_counter = time.perf_counter
 
@@ -88,8 +91,10 @@ class CheckoutEntry(NamedTuple):
     # The contextvars at checkout (structlog's bound request id, for one), for events about this
     # checkout that are logged later from another thread.
     context: contextvars.Context | None
-    # [statements run, seconds inside them] on this checkout so far: the statement timer adds to
-    # it while the connection is out (one thread uses a connection at a time).
+    # [statements run, seconds inside them, seconds idle inside an open transaction, the time the
+    # open transaction's current idle stretch began (0.0: none open), seconds inside statements at
+    # that time] on this checkout so far: the statement timer adds to it while the connection is
+    # out (one thread uses a connection at a time). See ``_capture.transactions``.
     usage: list[float]
 
 
@@ -125,6 +130,13 @@ class RecorderSnapshot:
     held_idle: dict[str, HistogramCopy]
     query: dict[str, HistogramCopy]
     live: LiveCheckouts = field(default_factory=LiveCheckouts)
+    # Issue 27: closings by reason, queued checkouts, cancelled waits, idle in transaction, held
+    # after the response started (defaults, so a snapshot made elsewhere needs none of them).
+    disconnect_reasons: dict[str, int] = field(default_factory=dict)
+    checkouts_queued: int = 0
+    waits_cancelled: dict[str, int] = field(default_factory=dict)
+    idle_in_transaction: dict[str, HistogramCopy] = field(default_factory=dict)
+    held_after_response: dict[str, HistogramCopy] = field(default_factory=dict)
 
 
 class PoolRecorder:
@@ -139,6 +151,8 @@ class PoolRecorder:
         self.capture_site = settings.leak_threshold_seconds > 0
         self.capture_stack = settings.leak_capture_stack and self.capture_site
         self.held_idle_threshold = settings.held_idle_seconds
+        self.idle_in_transaction_threshold = settings.idle_in_transaction_seconds
+        self.held_during_response_threshold = settings.held_during_response_seconds
         self.timeout_note = settings.timeout_note
         self.dialect = source.dialect
         self.driver = source.driver
@@ -192,10 +206,23 @@ class PoolRecorder:
         self.connect_time = Histogram()
         self.use: dict[RouteKey, Histogram] = {NO_REQUEST_KEY: Histogram()}
         self.held_idle: dict[str, Histogram] = {NO_REQUEST: Histogram()}
+        # Of held-idle time, the part inside an open transaction, per checkout; and for checkouts
+        # taken before their response started, the time held after it started.
+        self.idle_in_transaction: dict[str, Histogram] = {NO_REQUEST: Histogram()}
+        self.held_after_response: dict[str, Histogram] = {NO_REQUEST: Histogram()}
+        # Checkouts that waited in the queue for a free slot; callers cancelled inside
+        # Pool.connect (a client that went away, not a timeout); closings by reason.
+        self.checkouts_queued = 0
+        self.waits_cancelled: dict[str, int] = {NO_REQUEST: 0}
+        self.disconnect_reasons: dict[str, int] = dict.fromkeys(DISCONNECT_REASONS, 0)
         # The checkin path's one lookup: (route, method) -> (its hold-time histogram, its route's
-        # held-idle histogram).
-        self.histograms_by_key: dict[RouteKey, tuple[Histogram, Histogram]] = {
-            NO_REQUEST_KEY: (self.use[NO_REQUEST_KEY], self.held_idle[NO_REQUEST])
+        # held-idle and idle-in-transaction histograms).
+        self.histograms_by_key: dict[RouteKey, tuple[Histogram, Histogram, Histogram]] = {
+            NO_REQUEST_KEY: (
+                self.use[NO_REQUEST_KEY],
+                self.held_idle[NO_REQUEST],
+                self.idle_in_transaction[NO_REQUEST],
+            )
         }
         self.query: dict[str, Histogram] = {op: Histogram() for op in OPERATIONS}
         # Keyed by SQLAlchemy's connection record, which outlives the checkout and is hashable.
@@ -274,8 +301,9 @@ class PoolRecorder:
         finally:
             self.wait.observe(waited)
 
-    def histograms_for(self, key: RouteKey) -> tuple[Histogram, Histogram]:
-        """The hold-time and held-idle histograms of (route, method), made on first use."""
+    def histograms_for(self, key: RouteKey) -> tuple[Histogram, Histogram, Histogram]:
+        """The hold-time, held-idle and idle-in-transaction histograms of (route, method), made on
+        first use."""
         with self.lock:
             found = self.histograms_by_key.get(key)
             if found is None:
@@ -286,10 +314,23 @@ class PoolRecorder:
                 idle = self.held_idle.get(route)
                 if idle is None:
                     idle = self.held_idle[route] = Histogram()
-                found = self.histograms_by_key[key] = (use, idle)
+                in_transaction = self.idle_in_transaction.get(route)
+                if in_transaction is None:
+                    in_transaction = self.idle_in_transaction[route] = Histogram()
+                found = self.histograms_by_key[key] = (use, idle, in_transaction)
             return found
 
-    def returned_notably(self, entry: CheckoutEntry, key: RouteKey, held: float, idle: float) -> None:
+    def held_after_response_for(self, route: str) -> Histogram:
+        """The held-after-response histogram of ``route``, made on first use."""
+        with self.lock:
+            found = self.held_after_response.get(route)
+            if found is None:
+                found = self.held_after_response[route] = Histogram()
+            return found
+
+    def returned_notably(
+        self, entry: CheckoutEntry, key: RouteKey, held: float, idle: float, idle_in_transaction: float = 0.0
+    ) -> None:
         """A checkin worth a closer look: the garbage collector returned it, it was held past the
         leak threshold (flagged by the sweeper while out, or crossed since its last pass), or it was
         held idle past the held-idle threshold.
@@ -327,6 +368,14 @@ class PoolRecorder:
                 self.name, route, key[1], held, idle, self.held_idle_threshold, statements, site, function
             )
             _emit_in(entry, held_idle)
+        if 0 < self.idle_in_transaction_threshold < idle_in_transaction:
+            site, function = describe_site(entry.site)
+            statements = int(entry.usage[0])
+            in_transaction = IdleInTransaction(
+                self.name, route, key[1], held, idle_in_transaction,
+                self.idle_in_transaction_threshold, statements, site, function,
+            )  # fmt: skip
+            _emit_in(entry, in_transaction)
 
     # -- connection lifecycle (not per checkout) ------------------------------------------------
 
@@ -339,9 +388,14 @@ class PoolRecorder:
         with self.lock:
             bump(self.connect_errors, error)
 
-    def disconnected(self) -> None:
+    def disconnected(self, reason: str = "other") -> None:
         with self.lock:
             self.disconnects += 1
+            bump(self.disconnect_reasons, reason if reason in DISCONNECT_REASONS else "other")
+
+    def wait_cancelled(self, route: str) -> None:
+        with self.lock:
+            bump(self.waits_cancelled, route)
 
     def invalidated(self, reason: str) -> None:
         with self.lock:
@@ -406,7 +460,7 @@ class PoolRecorder:
 
     def _report_leak(self, entry: CheckoutEntry, route: str, held: float) -> None:
         site, function = describe_site(entry.site)
-        statements, in_statements = entry.usage
+        statements, in_statements = entry.usage[0], entry.usage[1]
         leak = LeakDetected(
             self.name,
             route,
@@ -461,6 +515,11 @@ class PoolRecorder:
                 use=use,
                 held_idle=copy_histograms(self.held_idle),
                 query=copy_histograms(self.query),
+                disconnect_reasons=copy_counts(self.disconnect_reasons),
+                checkouts_queued=self.checkouts_queued,
+                waits_cancelled=copy_counts(self.waits_cancelled),
+                idle_in_transaction=copy_histograms(self.idle_in_transaction),
+                held_after_response=copy_histograms(self.held_after_response),
             )
         snapshot.live = self.live_checkouts()
         return snapshot

@@ -73,7 +73,9 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_checkouts_total", "counter", "Checkouts.", POOL),
         _spec("poolwatch_checkins_total", "counter", "Checkins.", POOL),
         _spec("poolwatch_connects_total", "counter", "New DBAPI connections opened.", POOL),
-        _spec("poolwatch_disconnects_total", "counter", "DBAPI connections closed.", POOL),
+        _spec("poolwatch_disconnects_total", "counter", "DBAPI connections closed, by reason.", POOL, "reason"),
+        _spec("poolwatch_checkouts_queued_total", "counter", "Checkouts that had to wait for a free slot.", POOL),
+        _spec("poolwatch_waits_cancelled_total", "counter", "Callers cancelled while waiting in Pool.connect() (not timeouts).", POOL, "route"),
         _spec("poolwatch_timeouts_total", "counter", "Checkouts that gave up (pool limit reached).", POOL, "route"),
         _spec("poolwatch_connect_errors_total", "counter", "Attempts to open a DBAPI connection that failed.", POOL, "error"),
         _spec("poolwatch_pre_ping_failures_total", "counter", "Pre-ping found a dead connection.", POOL),
@@ -89,6 +91,8 @@ SPECS: dict[str, Spec] = {
         _spec("poolwatch_query_seconds", "histogram", "Statement execution time.", POOL, "operation"),
         _spec("poolwatch_request_queries", "histogram", "Statements executed per HTTP request.", "route", "method"),
         _spec("poolwatch_held_idle_seconds", "histogram", "Per checkout: hold time minus time inside statements.", POOL, "route"),
+        _spec("poolwatch_idle_in_transaction_seconds", "histogram", "Per checkout: the part of held-idle time inside an open transaction.", POOL, "route"),
+        _spec("poolwatch_held_after_response_seconds", "histogram", "Per checkout taken before the response started: time held after it started.", POOL, "route"),
     )
 }  # fmt: skip
 
@@ -162,7 +166,11 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
     add("poolwatch_checkouts_total", pool, snap.checkouts)
     add("poolwatch_checkins_total", pool, snap.checkins)
     add("poolwatch_connects_total", pool, snap.connects)
-    add("poolwatch_disconnects_total", pool, snap.disconnects)
+    for reason, count in snap.disconnect_reasons.items():
+        add("poolwatch_disconnects_total", (name, reason), count)
+    add("poolwatch_checkouts_queued_total", pool, snap.checkouts_queued)
+    for route, count in snap.waits_cancelled.items():
+        add("poolwatch_waits_cancelled_total", (name, route), count)
     for route, count in snap.timeouts.items():
         add("poolwatch_timeouts_total", (name, route), count)
     for error, count in snap.connect_errors.items():
@@ -190,6 +198,10 @@ def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
         add("poolwatch_query_seconds", (name, operation), row)
     for route, copy in snap.held_idle.items():
         add("poolwatch_held_idle_seconds", (name, route), HistogramRow(copy))
+    for route, copy in snap.idle_in_transaction.items():
+        add("poolwatch_idle_in_transaction_seconds", (name, route), HistogramRow(copy))
+    for route, copy in snap.held_after_response.items():
+        add("poolwatch_held_after_response_seconds", (name, route), HistogramRow(copy))
 
 
 def _read_threadpool(scrape: Scrape, app_loop: asyncio.AbstractEventLoop | None) -> None:

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 
 from .._log import internal_errors, logger
 from .._record.context import RequestContext, current_request
+from .._record.recorder import perf_counter
 from .exposition import serve_metrics
 from .health import HealthEndpoints
 from .http import ASGIApp, Message, Receive, Scope, Send
@@ -137,6 +138,8 @@ class Middleware:
         def send_and_note_response(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 context.response_started = True
+                context.response_started_at = perf_counter()
+                context.response_headers = message.get("headers")
             return send(message)
 
         try:
@@ -170,6 +173,8 @@ class Middleware:
         def send_and_note_response(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 context.response_started = True
+                context.response_started_at = perf_counter()
+                context.response_headers = message.get("headers")
             return send(message)
 
         try:

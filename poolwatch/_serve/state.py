@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .._record.context import NO_REQUEST, UNMATCHED, RequestContext
 from .._record.events import Event, describe_site, recent
 from .._record.histogram import HistogramCopy
+from .._record.holds import idle_in_transaction
 from .._record.intervals import LONG_ROW_INTERVALS, RECENT_ROWS, PoolIntervals, Row, joined, sampler
 from .collector import read_pool_state
 from .history import HistoryView, HistoryViews, mean_in_use_text
@@ -102,6 +103,7 @@ class StateBuilder:
         entries = list(recorder.open_checkouts.values())
         entries.sort(key=_started)
         now = perf_counter()
+        now_wall = time.time()
         threshold = recorder.leak_threshold if recorder.leak_threshold > 0 else math.inf
         oldest = now - entries[0][0] if entries else 0.0
         leaked_count = 0
@@ -131,7 +133,8 @@ class StateBuilder:
             if len(entry) > 7:
                 usage = entry[7]
                 counts = f"{int(usage[0])},{int(usage[1] * 1000)}"
-            add(f"[{int(age * 1000)},{fixed},{counts},{_JSON_BOOL[age > threshold]}]")
+            life = _connection_life(entry, now, now_wall)
+            add(f"[{int(age * 1000)},{fixed},{counts},{_JSON_BOOL[age > threshold]},{life}]")
         self._rows[recorder] = fragments
         return len(entries), rows, oldest, leaked_count
 
@@ -343,7 +346,34 @@ def _site_fragment(site: tuple[CodeType, int] | None) -> str:
 
 # The columns of "connections": rows are arrays in this order, which keeps the answer small and
 # quick to encode with hundreds of checkouts out (each row as an object repeats every key).
-CONNECTION_FIELDS = ("age_ms", "method", "route", "site", "function", "statements", "statement_ms", "leaked")
+CONNECTION_FIELDS = (
+    "age_ms", "method", "route", "site", "function", "statements", "statement_ms", "leaked",
+    "connection_age_ms", "uses", "idle_in_transaction_ms", "after_response_ms",
+)  # fmt: skip
+
+
+def _connection_life(entry: tuple[Any, ...], now: float, now_wall: float) -> str:
+    """``connection_age_ms,uses,idle_in_transaction_ms,after_response_ms`` of a checkout's row.
+
+    The DBAPI connection's age (SQLAlchemy stamps its record with ``time.time()`` when it opens
+    one) and the checkouts it has served; idle inside an open transaction so far; for a checkout
+    taken before its response started, the time since it started. ``null`` where unknown."""
+    record = entry[5]
+    if isinstance(record, int):  # a pool sharing records keys checkouts by their proxy's id
+        fairy = entry[2]() if entry[2] is not None else None
+        record = getattr(fairy, "_connection_record", None)
+    started = getattr(record, "starttime", None)
+    age = "null"
+    if isinstance(started, float) and started > 0:
+        age = str(max(0, int((now_wall - started) * 1000)))
+    uses = getattr(record, "_poolwatch_uses", None)
+    uses_text = str(uses) if isinstance(uses, int) else "null"
+    in_transaction = int(idle_in_transaction(entry[7], now) * 1000) if len(entry) > 7 else "null"
+    request: RequestContext | None = entry[1]
+    after = "null"
+    if request is not None and request.response_started and request.response_started_at > entry[0]:
+        after = str(max(0, int((now - request.response_started_at) * 1000)))
+    return f"{age},{uses_text},{in_transaction},{after}"
 
 
 def _fixed_fragment(entry: tuple[Any, ...]) -> tuple[str, bool]:

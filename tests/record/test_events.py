@@ -220,7 +220,9 @@ def test_every_event_is_frozen_slotted_and_named_like_before() -> None:
     assert sorted(kind.name for kind in EVENT_TYPES) == [
         "poolwatch.gc_reclaimed",
         "poolwatch.health_changed",
+        "poolwatch.held_during_response",
         "poolwatch.held_idle",
+        "poolwatch.idle_in_transaction",
         "poolwatch.leak_detected",
         "poolwatch.leak_returned",
         "poolwatch.pool_timeout",
