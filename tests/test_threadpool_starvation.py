@@ -27,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from poolwatch._settings import PoolWatchSettings
 from tests.metrics import parse_text
 from tests.test_operator_e2e import _free_port, _process, _wait_for_scrapes, _wait_until_ok
 from tests.test_operator_kit import RULES, load_rules, require_tool
@@ -34,6 +35,8 @@ from tests.test_operator_kit import RULES, load_rules, require_tool
 TOKENS = 4
 REQUESTS = 8  # twice the tokens: more than enough to take every token while one holds the pool
 POOL_TIMEOUT = 300
+# The default (the app sets none): read from the class, not the environment.
+STALL_SECONDS: float = PoolWatchSettings.model_fields["health_stall_seconds"].default
 JOB = "poolwatch-demo"  # the job name _wait_for_scrapes looks for
 
 
@@ -131,9 +134,26 @@ def test_sync_endpoint_deadlock_is_seen_logged_alerted_and_released(
         samples = wait_for("the hang", hung, 60, app_log)
         assert samples.value("poolwatch_connections", pool="primary", state="used") == 1
         assert samples.value("poolwatch_threadpool_capacity") == TOKENS
-        # Health, also served on the loop, says the pool is not serving.
+        # Health, also served on the loop. The first check has seen no progress yet (health checks
+        # are what watch it): a full pool with callers queued is saturated, 200 "degraded" by
+        # default. A check once the stall window (10 s by default) has passed with nothing moved
+        # says down, 503; never before it.
+        first_asked = time.monotonic()
         health = httpx.get(f"{base}/health/db", timeout=10)
-        assert health.status_code == 503 and health.json()["status"] in {"down", "saturated"}
+        assert (health.status_code, health.json()) == (200, {"status": "degraded"})
+        answers = []
+        while time.monotonic() - first_asked < STALL_SECONDS + 50:
+            time.sleep(1)
+            health = httpx.get(f"{base}/health/db", timeout=10)
+            answers.append((health.status_code, health.json()))
+            if health.status_code != 200:
+                break
+        down_after = time.monotonic() - first_asked
+        assert answers[-1] == (503, {"status": "down"}), answers
+        assert all(answer == (200, {"status": "degraded"}) for answer in answers[:-1]), answers
+        # The two checks that bracket the stall lie inside this measured span, so it cannot be
+        # shorter than the window (a lower bound only: load can only make it longer).
+        assert down_after >= STALL_SECONDS, down_after
 
         # The event, once, naming the route that holds the connection.
         def starvation_lines() -> list[str]:
