@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 import shutil
 import subprocess
@@ -16,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.pool import NullPool
 
 import poolwatch
+import poolwatch._serve.exposition as exposition_module
 from poolwatch._record.context import RequestContext, current_request
-from poolwatch._serve.exposition import render
+from poolwatch._serve.exposition import render, serve_metrics
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -215,3 +218,69 @@ def test_exemplars_from_real_spans_only_in_openmetrics(sync_url: str, registry: 
     found = samples_of(parse_openmetrics(openmetrics.decode()))
     trace_ids = {e[0]["trace_id"] for _, e in found.values() if e is not None}
     assert trace_ids == {trace_id}
+
+
+# -- /metrics over ASGI: methods, negotiation, gzip ----------------------------------------------
+
+
+async def asgi_get(registry: CollectorRegistry, watch: poolwatch.PoolWatch, method: str,
+                   headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[bytes, bytes], bytes]:  # fmt: skip
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": "/metrics", "headers": headers}
+    await serve_metrics(registry, scope, receive, send, watch.direct_collector)  # type: ignore[arg-type]
+    start = sent[0]
+    body = b"".join(bytes(m.get("body", b"")) for m in sent[1:])  # type: ignore[call-overload]
+    return int(start["status"]), dict(start["headers"]), body  # type: ignore[call-overload, arg-type]
+
+
+async def test_metrics_over_asgi_negotiates_compresses_and_refuses_writes(busy_registry) -> None:  # type: ignore[no-untyped-def]
+    registry, watch = busy_registry
+    plain = render(registry, None, None, watch.direct_collector).body
+    status, headers, body = await asgi_get(registry, watch, "GET", [])
+    assert (status, headers[b"content-type"], headers[b"vary"]) == (
+        200, b"text/plain; version=0.0.4; charset=utf-8", b"Accept, Accept-Encoding",
+    )  # fmt: skip
+    assert b"content-encoding" not in headers
+    assert samples_of(text_string_to_metric_families(body.decode())) == samples_of(
+        text_string_to_metric_families(plain.decode())
+    )
+    # gzip when accepted: the same text, compressed (any gzip reader opens it).
+    status, headers, body = await asgi_get(registry, watch, "GET", [(b"accept-encoding", b"gzip, deflate")])
+    assert (status, headers[b"content-encoding"]) == (200, b"gzip")
+    assert samples_of(text_string_to_metric_families(gzip.decompress(body).decode())) == samples_of(
+        text_string_to_metric_families(plain.decode())
+    )
+    assert len(body) < len(plain) / 5  # compressed for real, not stored
+    # OpenMetrics when asked, with its exemplars.
+    status, headers, body = await asgi_get(registry, watch, "GET", [(b"accept", OPENMETRICS.encode())])
+    assert status == 200 and headers[b"content-type"].startswith(
+        b"application/openmetrics-text; version=1.0.0"
+    )
+    assert body.endswith(b"# EOF\n") and body.count(b" # {") == 2
+    # HEAD: the headers, no body. Anything else: 405 naming what is allowed.
+    status, headers, body = await asgi_get(registry, watch, "HEAD", [])
+    assert (status, body, headers[b"content-type"]) == (200, b"", b"text/plain; version=0.0.4; charset=utf-8")
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        status, headers, body = await asgi_get(registry, watch, method, [])
+        assert (status, headers[b"allow"], json.loads(body)) == (
+            405, b"GET, HEAD", {"detail": "Method Not Allowed"},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("compress", [exposition_module._stdlib_gzip, exposition_module._isal_gzip])
+def test_both_compressors_give_gzip_at_level_one(compress) -> None:  # type: ignore[no-untyped-def]
+    data = b'poolwatch_connections{pool="p",state="idle"} 1.0\n' * 2000
+    packed = compress(data)
+    assert gzip.decompress(packed) == data
+    # Compressed for real, not stored.
+    assert len(packed) < len(data) / 20
+    if compress is exposition_module._stdlib_gzip:
+        # zlib's level 1 marks its gzip header "fastest" (XFL = 4); the default level does not.
+        assert packed[8] == 4
