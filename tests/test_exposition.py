@@ -237,7 +237,7 @@ async def asgi_get(registry: CollectorRegistry, watch: poolwatch.PoolWatch, meth
     await serve_metrics(registry, scope, receive, send, watch.direct_collector)  # type: ignore[arg-type]
     start = sent[0]
     body = b"".join(bytes(m.get("body", b"")) for m in sent[1:])  # type: ignore[call-overload]
-    return int(start["status"]), dict(start["headers"]), body  # type: ignore[call-overload, arg-type]
+    return int(start["status"]), dict(start["headers"]), body  # type: ignore[call-overload]
 
 
 async def test_metrics_over_asgi_negotiates_compresses_and_refuses_writes(busy_registry) -> None:  # type: ignore[no-untyped-def]
