@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -41,7 +42,11 @@ def busy_registry(sync_url: str, registry: CollectorRegistry):  # type: ignore[n
     """Two pools (one with awkward characters in its name, one unbounded), routes, errors, exemplars."""
     bounded = sa.create_engine(sync_url, pool_size=2)
     unbounded = sa.create_engine(sync_url, poolclass=NullPool)
-    watch = poolwatch.watch({'we"ird\\pool\nname': bounded, "null": unbounded}, registry=registry)
+    # A name of this run's own: the writer caches each label block and histogram template it
+    # builds, so a name seen before (by an earlier test in the process) would not be built again.
+    watch = poolwatch.watch(
+        {f'we"ird\\pool\nname-{uuid.uuid4().hex[:8]}': bounded, "null": unbounded}, registry=registry
+    )
     Counter("app_orders", "An application metric beside poolwatch's.", registry=registry).inc(3)
     routes = ("/users/{user_id}", "/orders/{order_id}", '/a"quoted\\route', "/off/100%d%%s",
               "/ünïcode/{名前}/€", "/new\nline/{id}\\n")  # fmt: skip
@@ -60,10 +65,10 @@ def busy_registry(sync_url: str, registry: CollectorRegistry):  # type: ignore[n
     recorder = watch.recorders[0]
     recorder.use_exemplars[("/users/{user_id}", "GET")] = (
         "0af7651916cd43dd8448eb211c80319c",
-        0.003,
+        0.005,  # exactly a bucket's bound: it belongs to that bucket (le), not the next
         time.time(),
     )
-    recorder.query_exemplars["SELECT"] = ("4bf92f3577b34da6a3ce929d0e0e4736", 0.0002, time.time())
+    recorder.query_exemplars["SELECT"] = ("4bf92f3577b34da6a3ce929d0e0e4736", 0.00025, time.time())
     yield registry, watch
     bounded.dispose()
     unbounded.dispose()
@@ -93,6 +98,17 @@ def test_openmetrics_output_matches_prometheus_client(busy_registry) -> None:  #
         "4bf92f3577b34da6a3ce929d0e0e4736",
     }
     assert rendered.body.endswith(b"# EOF\n") and rendered.body.count(b"# EOF") == 1
+    # Each exemplar on the bucket its value is at or under: both values lie exactly on a bound.
+    placed = {
+        (name, labels["le"])
+        for (name, frozen), (_, exemplar) in direct.items()
+        if exemplar is not None
+        for labels in [dict(frozen)]
+    }
+    assert placed == {
+        ("poolwatch_use_seconds_bucket", "0.005"),
+        ("poolwatch_query_seconds_bucket", "0.00025"),
+    }
 
 
 def test_a_failing_direct_write_falls_back_to_the_general_encoder(  # type: ignore[no-untyped-def]
@@ -146,7 +162,7 @@ def test_the_text_format_passes_promtool_and_never_carries_exemplars(  # type: i
     checked = promtool_check(rendered.body)
     assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
     # The odd label values arrive escaped, as written.
-    assert b'pool="we\\"ird\\\\pool\\nname"' in rendered.body
+    assert b'pool="we\\"ird\\\\pool\\nname-' in rendered.body
     assert 'route="/ünïcode/{名前}/€"'.encode() in rendered.body
     assert b'route="/new\\nline/{id}\\\\n"' in rendered.body
     assert b'route="/off/100%d%%s"' in rendered.body
