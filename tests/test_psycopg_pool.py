@@ -284,14 +284,43 @@ async def test_unwatched_pools_are_left_as_psycopg_pool_made_them(
     assert "getconn" in watched.__dict__ and "getconn" not in other.__dict__
     held = await watched.getconn()
     assert type(held.cursor_factory) is not psycopg.AsyncCursor  # timed while out
+    returned = await watched.getconn()
+    await watched.putconn(returned)  # back in the pool: it keeps its timed factory until unwatch
+    assert type(returned.cursor_factory) is not psycopg.AsyncCursor
     watch.close()
     assert held.cursor_factory is psycopg.AsyncCursor  # given back at unwatch, while still out
+    assert returned.cursor_factory is psycopg.AsyncCursor  # and while idle in the pool
     await watched.putconn(held)
     assert watched.__dict__.keys() == before.keys()
     async with watched.connection() as connection:
         assert connection.cursor_factory is psycopg.AsyncCursor
     await watched.close()
     await other.close()
+
+
+def test_statements_of_the_pools_own_check_and_reset_are_not_the_applications(
+    postgres_url: str, registry: CollectorRegistry
+) -> None:
+    def reset(connection: psycopg.Connection[Any]) -> None:
+        connection.execute("SELECT 1")
+        connection.rollback()
+
+    with ConnectionPool(
+        postgres_url, min_size=1, max_size=1, open=True, check=ConnectionPool.check_connection, reset=reset
+    ) as pool:
+        pool.wait()
+        watch = poolwatch.watch(pool, registry=registry, name="own")
+        for _ in range(3):
+            with pool.connection() as connection:
+                connection.execute("SELECT 1")
+        # The last reset runs on psycopg_pool's worker: done once the connection is idle again.
+        while pool.get_stats().get("pool_available", 0) != 1:
+            threading.Event().wait(0.01)
+        samples = scrape(registry)
+        assert samples.total("poolwatch_query_seconds_count", pool="own") == 3
+        assert samples.value("poolwatch_query_seconds_count", pool="own", operation="SELECT") == 3
+        assert samples.value("poolwatch_checkouts_total", pool="own") == 3
+        watch.close()
 
 
 def test_unsupported_version_and_wrong_objects_are_clear_errors(registry: CollectorRegistry) -> None:

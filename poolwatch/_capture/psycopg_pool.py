@@ -8,20 +8,25 @@ in front of those two and of two private steps, and nothing else; unwatching del
 class's own methods answer again, and a pool nobody watches is never touched:
 
 - ``getconn``: waits (queueing, and the pool's ``check`` callback when it has one), timeouts
-  (``PoolTimeout``), the checkout table and the borrow site, callers queued (``pending``);
+  (``PoolTimeout``), cancelled waits (``CancelledError``), the checkout table and the borrow site,
+  callers queued (``pending``) and checkouts that queued (``checkouts_queued``): a caller that finds
+  no idle connection waits in psycopg_pool's queue, even while the pool opens one for it (as
+  psycopg_pool's own ``requests_queued`` counts it);
 - ``putconn``: the checkin (the connection is taken out of the table before psycopg resets it);
 - ``_connect`` (run by the pool's workers): connects, connect time and connect errors;
 - ``_close_connection``: disconnects, with the reason read from the pool step that closes it
   (expired: ``recycled``; ``reset``/rollback failed: ``reset_failed``; idle beyond ``min_size``:
   ``overflow``; ``close``/``drain``: ``disposed``; failed ``check()``: ``invalidated``).
 
-Statements: psycopg 3 has no query logger, but a connection's ``cursor_factory`` is public. While
-a connection is checked out (from ``getconn`` returning to ``putconn``) its ``cursor_factory`` is a
-subclass of the one it had, made once per class, whose ``execute`` and ``executemany`` are timed
-(by operation, errors, statements per request, time inside statements per checkout, so held-idle
-too); ``putconn`` puts the original back before psycopg resets the connection. Cursors made
-otherwise (``copy()``, ``stream()``, named server-side cursors, ``conn.pipeline()`` batches timed
-as their ``execute`` calls) are not timed.
+Statements: psycopg 3 has no query logger, but a connection's ``cursor_factory`` is public. At a
+connection's first watched checkout its ``cursor_factory`` becomes a subclass of the one it had,
+made once per class, whose ``execute`` and ``executemany`` are timed (by operation, errors,
+statements per request, time inside statements per checkout, so held-idle too). It keeps it (a
+swap at every checkout and checkin cost more than the rest of the bookkeeping), and a statement
+counts only while its connection is in the checkout table: the pool's own ``check`` and ``reset``
+callbacks run while it is not. Unwatching gives every such connection, idle or out, its own
+factory back. Cursors made otherwise (``copy()``, ``stream()``, named server-side cursors,
+``conn.pipeline()`` batches timed as their ``execute`` calls) are not timed.
 
 State is read at scrape time from the public ``get_stats()`` (``pool_size``, ``pool_available``)
 and the sizes: idle is ``pool_available``, max is ``max_size``, overflow is connections open
@@ -37,12 +42,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import sys
+import weakref
 from bisect import bisect_left
+from collections.abc import Callable
 from contextvars import copy_context
+from sys import _getframe as getframe
 from typing import TYPE_CHECKING, Any
 
 import psycopg_pool
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
 from .._log import internal_errors
@@ -50,7 +58,7 @@ from .._record.context import NO_REQUEST_KEY, current_request, route_label
 from .._record.recorder import CheckoutEntry, perf_counter
 from .._record.server import role_tag, server_label
 from .._record.source import PoolState
-from .borrow_site import borrow_site, borrow_stack
+from .borrow_site import borrow_site, borrow_stack, is_library_file
 from .driver_errors import driver_error_class
 from .sql import operation_cache, operation_of
 from .tracing import exemplar
@@ -271,176 +279,362 @@ def hook_pool(pool: Any, recorder: PoolRecorder) -> None:
             f"poolwatch: this psycopg_pool pool has its own {sorted(taken)} set on the instance; "
             "poolwatch cannot watch it without hiding them"
         )
-    hooks = (
-        _async_hooks(pool, recorder)
-        if isinstance(pool, psycopg_pool.AsyncConnectionPool)
-        else _sync_hooks(pool, recorder)
-    )
-    pool.__dict__.update(hooks)
+    dressed: weakref.WeakSet[Any] = weakref.WeakSet()
+    pool.__dict__.update(_hooks(pool, recorder, dressed))
+    pool.__dict__[_DRESSED] = dressed
     pool.__dict__[_MARK] = recorder
     watched_driver_recorders.add(recorder)
 
 
 def unhook_pool(pool: Any) -> None:
-    """Put the pool back as psycopg_pool made it."""
+    """Put the pool back as psycopg_pool made it, and its connections their cursor factories."""
     recorder = pool.__dict__.pop(_MARK, None)
     for name in _HOOKED:
         pool.__dict__.pop(name, None)
+    dressed = pool.__dict__.pop(_DRESSED, None)
     if recorder is not None:
         watched_driver_recorders.discard(recorder)
-        # Connections still out get their own cursor factory back now: their putconn is psycopg's.
-        for connection in list(recorder.open_checkouts):
-            base = getattr(getattr(connection, "cursor_factory", None), _BASE, None)
-            if base is not None:
-                connection.cursor_factory = base
+    # Idle ones and those still out (their putconn is psycopg_pool's now) alike, unless the
+    # application set a factory of its own meanwhile.
+    for connection in list(dressed or ()):
+        base = getattr(getattr(connection, "cursor_factory", None), _BASE, None)
+        if base is not None:
+            connection.cursor_factory = base
 
 
-class _Wait:
-    """What the hooks share for one pool: the recorder's hot-path fields, read once."""
+_BASE = "_poolwatch_base"
+# The connections given a timed cursor factory, kept on the watched pool (a weak set).
+_DRESSED = "_poolwatch_timed_connections"
+_PROBE_SCOPE = "poolwatch.probe"
+_BROKEN = pq.ConnStatus.BAD
 
-    def __init__(self, pool: Any, recorder: PoolRecorder) -> None:
-        self.pool = pool
-        self.recorder = recorder
-        self.open_checkouts = recorder.open_checkouts
-        self.wait = recorder.wait
-        self.capture_site = recorder.capture_site
-        self.capture_stack = recorder.capture_stack
-        self.timed_factories: dict[Any, type] = {}
-        self.is_async = isinstance(pool, psycopg_pool.AsyncConnectionPool)
 
-    def started(self) -> bool:
-        """Count a caller in; whether it queues (no idle connection as it asks)."""
-        recorder = self.recorder
-        recorder.waits_started += 1
-        if self.pool._pool:
-            return False
-        recorder.queued += 1
-        if recorder.queued > recorder.peak_queued:
-            recorder.peak_queued = recorder.queued
-        if hasattr(recorder, "checkouts_queued"):
-            recorder.checkouts_queued += 1
-        return True
+def _hooks(pool: Any, recorder: PoolRecorder, dressed: weakref.WeakSet[Any]) -> dict[str, Any]:
+    """``getconn``, ``putconn``, ``_connect`` and ``_close_connection`` for one pool, async or not
+    as the pool is.
 
-    def ended(self, queued: bool) -> None:
-        if queued:
-            self.recorder.queued -= 1
+    ``getconn`` and ``putconn`` run on every checkout and checkin, where a call costs as much as
+    the work: as on SQLAlchemy's pools (``pool_hooks``), the bookkeeping is written out inside each
+    of them (the async pair repeats the sync pair's lines: a shared helper is one more call per
+    cycle), the recorder's fields in locals, histogram observations inline, the caller's frame
+    tested for the borrow site before any walk, and no lock (see the recorder's docstring).
 
-    def got(self, connection: Any, started: float, site: Any, stack: Any) -> None:
-        recorder = self.recorder
-        wait = self.wait
-        now = perf_counter()
-        waited = now - started
-        wait.counts[0 if waited <= wait.first else bisect_left(wait.bounds, waited)] += 1
-        wait.total += waited
+    Statements: a connection gets its timed cursor factory at its first watched checkout and keeps
+    it (no swap per checkout); a statement counts only while its connection is in the checkout
+    table, so the pool's own ``check`` and ``reset`` callbacks, run while it is not, are not the
+    application's statements.
+    """
+    cls = type(pool)
+    is_async = isinstance(pool, psycopg_pool.AsyncConnectionPool)
+    base_getconn, base_putconn = cls.getconn, cls.putconn
+    base_connect, base_close = cls._connect, cls._close_connection
+    # The pool's deque of idle connections: made in its __init__, never replaced (3.2, 3.3).
+    idle_connections = pool._pool
+    open_checkouts = recorder.open_checkouts
+    leaked_records = recorder.leaked_records
+    histograms_by_key = recorder.histograms_by_key
+    histograms_for = recorder.histograms_for
+    # Work outside any request (workers, scripts, start-up) skips the keyed lookup.
+    no_request_histograms = histograms_by_key[NO_REQUEST_KEY]
+    query_histograms = recorder.query
+    wait = recorder.wait
+    wait_counts = wait.counts
+    bounds = wait.bounds
+    first = wait.first
+    # A checkin held longer than this may be a leak or held idle too long: a closer look.
+    thresholds = [t for t in (recorder.leak_threshold, recorder.held_idle_threshold) if t > 0]
+    notable = min(thresholds, default=float("inf"))
+    capture_site = recorder.capture_site
+    capture_stack = recorder.capture_stack
+    tracing = recorder.tracing
+    get_request = current_request.get
+    # cursor class -> its timed subclass; a timed class maps to itself.
+    timed_factories: dict[Any, Any] = {}
+
+    def dress(connection: Any, factory: Any) -> None:
+        """The connection's cursor factory becomes a subclass of it, made once per class, whose
+        ``execute``/``executemany`` are timed (unless the application changes it, it stays)."""
+        timed = timed_factories.get(factory)
+        if timed is None:
+            timed = _timed_cursor(factory, statement, is_async)
+            timed_factories[factory] = timed
+            timed_factories[timed] = timed
+        connection.cursor_factory = timed
+        dressed.add(connection)
+
+    def failed(started: float, error: BaseException) -> None:
         try:
-            request = current_request.get()
-            usage = [0, 0.0, 0.0, 0.0, 0.0]
-            entry = (now, request, None, site, stack, connection, copy_context(), usage)
-            if self.open_checkouts.setdefault(connection, entry) is entry:  # type: ignore[arg-type]
-                recorder.checkouts += 1
-                recorder.in_use += 1
-                if recorder.in_use > recorder.peak_in_use:
-                    recorder.peak_in_use = recorder.in_use
-            if request is not None and request.response_started:
-                recorder.count_after_response(request.route)
-            factory = connection.cursor_factory
-            timed = self.timed_factories.get(factory)
-            if timed is None:
-                timed = self.timed_factories[factory] = _timed_cursor(factory, self)
-            connection.cursor_factory = timed
-        except Exception as error:
-            internal_errors.record("checkout", error)
+            recorder.wait_failed(started, isinstance(error, psycopg_pool.PoolTimeout))
+            if isinstance(error, asyncio.CancelledError):
+                # A client that gave up while waiting, counted apart from timeouts.
+                recorder.wait_cancelled(route_label(get_request()))
+        except Exception as failure:
+            internal_errors.record("wait_failed", failure)
 
-    def statement(self, connection: Any, query: Any, elapsed: float, error: BaseException | None) -> None:
+    def statement(connection: Any, query: Any, elapsed: float, error: BaseException | None) -> None:
         try:
-            request = current_request.get()
+            entry = open_checkouts.get(connection)
+            if entry is None:
+                return  # not out of the pool: the pool's own check or reset
+            request = get_request()
             if request is not None:
                 if request.scope.get("type") == _PROBE_SCOPE:
                     return  # /health/db's ping
                 request.queries += 1
-            recorder = self.recorder
-            entry = self.open_checkouts.get(connection)
-            if entry is not None:
-                usage = entry[7]
-                usage[0] += 1
-                usage[1] += elapsed
+            usage = entry[7]
+            usage[0] += 1
+            usage[1] += elapsed
             operation = _operation(query, connection)
             if error is not None:
                 if isinstance(error, Exception):
                     recorder.query_failed(operation, driver_error_class(error))
                 return
-            histogram = recorder.query[operation]
+            histogram = query_histograms[operation]
             histogram.counts[0 if elapsed <= histogram.first else bisect_left(histogram.bounds, elapsed)] += 1
             histogram.total += elapsed
-            if recorder.tracing:
+            if tracing:
                 found = exemplar(elapsed)
                 if found is not None:
                     recorder.query_exemplars[operation] = found
         except Exception as failure:
             internal_errors.record("statement", failure)
 
-    def failed(self, started: float, error: BaseException) -> None:
-        try:
-            self.recorder.wait_failed(started, isinstance(error, psycopg_pool.PoolTimeout))
-            if isinstance(error, asyncio.CancelledError) and hasattr(self.recorder, "wait_cancelled"):
-                self.recorder.wait_cancelled(route_label(current_request.get()))
-        except Exception as failure:
-            internal_errors.record("wait_failed", failure)
-
-    def returned(self, connection: Any) -> None:
-        try:
-            entry = self.open_checkouts.pop(connection, None)
-            if entry is None:
-                return
-            recorder = self.recorder
-            recorder.in_use -= 1
-            held = perf_counter() - entry[0]
-            request = entry[1]
-            key = NO_REQUEST_KEY if request is None else (request.key or request.labels())
-            # Read without the lock once made (one dict read); made under it the first time.
-            histograms = recorder.histograms_by_key.get(key) or recorder.histograms_for(key)
-            histograms[0].observe(held)
-            idle = held - entry[7][1]
-            histograms[1].observe(idle)
-            if recorder.tracing:
-                found = exemplar(held)
-                if found is not None:
-                    recorder.use_exemplars[key] = found
-            thresholds = [t for t in (recorder.leak_threshold, recorder.held_idle_threshold) if t > 0]
-            if held > min(thresholds, default=float("inf")) or connection in recorder.leaked_records:
-                recorder.returned_notably(CheckoutEntry(*entry), key, held, idle)
-        except Exception as error:
-            internal_errors.record("checkin", error)
-        try:
-            # The cursor factory it had, before psycopg resets the connection (unless the
-            # application set one of its own meanwhile).
-            base = getattr(connection.cursor_factory, _BASE, None)
-            if base is not None:
-                connection.cursor_factory = base
-        except Exception as error:
-            internal_errors.record("checkin", error)
-
-    def connect_failed(self, error: BaseException) -> None:
-        self.recorder.opening -= 1
+    def connect_failed(error: BaseException) -> None:
+        recorder.opening -= 1
         if isinstance(error, Exception):
-            _safely(self.recorder.connect_failed, driver_error_class(error))
+            _safely(recorder.connect_failed, driver_error_class(error))
 
-    def connected(self, started: float) -> None:
-        self.recorder.opening -= 1
-        _safely(self.recorder.connected, perf_counter() - started)
+    def connected(started: float) -> None:
+        recorder.opening -= 1
+        _safely(recorder.connected, perf_counter() - started)
 
-    def closing(self, connection: Any, step: str) -> None:
+    def closing(connection: Any, step: str) -> None:
         if not connection.closed:
-            _safely(self.recorder.disconnected, _CLOSE_REASONS.get(step, "other"))
+            _safely(recorder.disconnected, _CLOSE_REASONS.get(step, "other"))
 
-    def returning_broken(self, connection: Any) -> None:
-        # psycopg_pool drops a connection that comes back broken without closing it again.
-        if connection.closed:
-            _safely(self.recorder.disconnected, "invalidated")
+    if is_async:
 
+        async def getconn(timeout: float | None = None) -> Any:
+            # Before anything else: the caller's frame, tested inline (application code calling
+            # getconn is common), else the walk past psycopg_pool's and contextlib's frames.
+            site = None
+            if capture_site:
+                try:
+                    caller = getframe(1)
+                except ValueError:  # the root of a thread: no caller to name
+                    caller = None
+                if caller is not None:
+                    code = caller.f_code
+                    if is_library_file.get(code.co_filename) is False:
+                        site = (code, caller.f_lasti)
+                    else:
+                        site = borrow_site(2)
+            stack = borrow_stack(2) if capture_stack else None
+            recorder.waits_started += 1
+            # No idle connection as it asks: psycopg_pool queues it (its requests_queued).
+            queued = not idle_connections
+            if queued:
+                recorder.queued += 1
+                if recorder.queued > recorder.peak_queued:
+                    recorder.peak_queued = recorder.queued
+            started = perf_counter()
+            try:
+                connection = await base_getconn(pool, timeout)
+            except BaseException as error:
+                if queued:
+                    recorder.queued -= 1
+                failed(started, error)
+                raise
+            # Observed first: from here on this caller is not waiting.
+            now = perf_counter()
+            waited = now - started
+            wait_counts[0 if waited <= first else bisect_left(bounds, waited)] += 1
+            wait.total += waited
+            if queued:
+                recorder.queued -= 1
+                recorder.checkouts_queued += 1
+            try:
+                request = get_request()
+                # A plain tuple (see CheckoutEntry); the list is the usage the statement timer adds to.
+                entry = (now, request, None, site, stack, connection, copy_context(), [0, 0.0, 0.0, 0.0, 0.0])
+                if open_checkouts.setdefault(connection, entry) is entry:  # type: ignore[arg-type]
+                    recorder.checkouts += 1
+                    # No call between these statements: the count and its peak stay exact.
+                    recorder.in_use += 1
+                    if recorder.in_use > recorder.peak_in_use:
+                        recorder.peak_in_use = recorder.in_use
+                if request is not None and request.response_started:
+                    recorder.count_after_response(request.route)
+                factory = connection.cursor_factory
+                if timed_factories.get(factory) is not factory:
+                    dress(connection, factory)
+            except Exception as error:
+                internal_errors.record("checkout", error)
+            return connection
 
-_BASE = "_poolwatch_base"
-_PROBE_SCOPE = "poolwatch.probe"
+        async def putconn(connection: Any) -> None:
+            try:
+                # The pop decides: a checkin counts once (a putconn of a connection taken before
+                # poolwatch watched the pool finds nothing).
+                entry = open_checkouts.pop(connection, None)
+                if entry is not None:
+                    recorder.in_use -= 1
+                    held = perf_counter() - entry[0]
+                    request = entry[1]
+                    if request is None:
+                        key = NO_REQUEST_KEY
+                        use, idle_histogram, _ = no_request_histograms
+                    else:
+                        key = request.key or request.labels()
+                        # Read without the lock once made (one dict read); made under it the first time.
+                        use, idle_histogram, _ = histograms_by_key.get(key) or histograms_for(key)
+                    use.counts[0 if held <= first else bisect_left(bounds, held)] += 1
+                    use.total += held
+                    idle = held - entry[7][1]
+                    idle_histogram.counts[0 if idle <= first else bisect_left(bounds, idle)] += 1
+                    idle_histogram.total += idle
+                    if tracing:
+                        found = exemplar(held)
+                        if found is not None:
+                            recorder.use_exemplars[key] = found
+                    if held > notable or (leaked_records and connection in leaked_records):
+                        recorder.returned_notably(CheckoutEntry(*entry), key, held, idle)
+                if connection.pgconn.status == _BROKEN:
+                    # psycopg_pool drops a connection that comes back broken without closing it again.
+                    recorder.disconnected("invalidated")
+            except Exception as error:
+                internal_errors.record("checkin", error)
+
+            await base_putconn(pool, connection)
+
+        async def _connect(timeout: float | None = None) -> Any:
+            started = perf_counter()
+            recorder.opening += 1
+            try:
+                connection = await base_connect(pool, timeout)
+            except BaseException as error:
+                connect_failed(error)
+                raise
+            connected(started)
+            return connection
+
+        async def _close_connection(connection: Any) -> None:
+            closing(connection, getframe(1).f_code.co_name)
+            await base_close(pool, connection)
+
+    else:
+
+        def getconn(timeout: float | None = None) -> Any:  # type: ignore[misc]
+            site = None
+            if capture_site:
+                try:
+                    caller = getframe(1)
+                except ValueError:  # the root of a thread: no caller to name
+                    caller = None
+                if caller is not None:
+                    code = caller.f_code
+                    if is_library_file.get(code.co_filename) is False:
+                        site = (code, caller.f_lasti)
+                    else:
+                        site = borrow_site(2)
+            stack = borrow_stack(2) if capture_stack else None
+            recorder.waits_started += 1
+            queued = not idle_connections
+            if queued:
+                recorder.queued += 1
+                if recorder.queued > recorder.peak_queued:
+                    recorder.peak_queued = recorder.queued
+            started = perf_counter()
+            try:
+                connection = base_getconn(pool, timeout)
+            except BaseException as error:
+                if queued:
+                    recorder.queued -= 1
+                failed(started, error)
+                raise
+            # Observed first: from here on this caller is not waiting.
+            now = perf_counter()
+            waited = now - started
+            wait_counts[0 if waited <= first else bisect_left(bounds, waited)] += 1
+            wait.total += waited
+            if queued:
+                recorder.queued -= 1
+                recorder.checkouts_queued += 1
+            try:
+                request = get_request()
+                # A plain tuple (see CheckoutEntry); the list is the usage the statement timer adds to.
+                entry = (now, request, None, site, stack, connection, copy_context(), [0, 0.0, 0.0, 0.0, 0.0])
+                if open_checkouts.setdefault(connection, entry) is entry:  # type: ignore[arg-type]
+                    recorder.checkouts += 1
+                    # No call between these statements: the count and its peak stay exact.
+                    recorder.in_use += 1
+                    if recorder.in_use > recorder.peak_in_use:
+                        recorder.peak_in_use = recorder.in_use
+                if request is not None and request.response_started:
+                    recorder.count_after_response(request.route)
+                factory = connection.cursor_factory
+                if timed_factories.get(factory) is not factory:
+                    dress(connection, factory)
+            except Exception as error:
+                internal_errors.record("checkout", error)
+            return connection
+
+        def putconn(connection: Any) -> None:  # type: ignore[misc]
+            try:
+                # The pop decides: a checkin counts once (a putconn of a connection taken before
+                # poolwatch watched the pool finds nothing).
+                entry = open_checkouts.pop(connection, None)
+                if entry is not None:
+                    recorder.in_use -= 1
+                    held = perf_counter() - entry[0]
+                    request = entry[1]
+                    if request is None:
+                        key = NO_REQUEST_KEY
+                        use, idle_histogram, _ = no_request_histograms
+                    else:
+                        key = request.key or request.labels()
+                        # Read without the lock once made (one dict read); made under it the first time.
+                        use, idle_histogram, _ = histograms_by_key.get(key) or histograms_for(key)
+                    use.counts[0 if held <= first else bisect_left(bounds, held)] += 1
+                    use.total += held
+                    idle = held - entry[7][1]
+                    idle_histogram.counts[0 if idle <= first else bisect_left(bounds, idle)] += 1
+                    idle_histogram.total += idle
+                    if tracing:
+                        found = exemplar(held)
+                        if found is not None:
+                            recorder.use_exemplars[key] = found
+                    if held > notable or (leaked_records and connection in leaked_records):
+                        recorder.returned_notably(CheckoutEntry(*entry), key, held, idle)
+                if connection.pgconn.status == _BROKEN:
+                    # psycopg_pool drops a connection that comes back broken without closing it again.
+                    recorder.disconnected("invalidated")
+            except Exception as error:
+                internal_errors.record("checkin", error)
+
+            base_putconn(pool, connection)
+
+        def _connect(timeout: float | None = None) -> Any:  # type: ignore[misc]
+            started = perf_counter()
+            recorder.opening += 1
+            try:
+                connection = base_connect(pool, timeout)
+            except BaseException as error:
+                connect_failed(error)
+                raise
+            connected(started)
+            return connection
+
+        def _close_connection(connection: Any) -> None:  # type: ignore[misc]
+            closing(connection, getframe(1).f_code.co_name)
+            base_close(pool, connection)
+
+    return {
+        "getconn": getconn,
+        "putconn": putconn,
+        "_connect": _connect,
+        "_close_connection": _close_connection,
+    }
 
 
 def _operation(query: Any, connection: Any) -> str:
@@ -455,10 +649,12 @@ def _operation(query: Any, connection: Any) -> str:
     return found or operation_of(query)
 
 
-def _timed_cursor(factory: Any, shared: _Wait) -> type:
+Statement = Callable[[Any, Any, float, "BaseException | None"], None]
+
+
+def _timed_cursor(factory: Any, statement: Statement, is_async: bool) -> type:
     """A subclass of the connection's cursor class whose ``execute``/``executemany`` are timed."""
-    statement = shared.statement
-    if shared.is_async:
+    if is_async:
 
         async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
             started = perf_counter()
@@ -512,106 +708,6 @@ def _timed_cursor(factory: Any, shared: _Wait) -> type:
         _BASE: factory,
     }
     return type(factory.__name__, (factory,), namespace)
-
-
-def _sync_hooks(pool: Any, recorder: PoolRecorder) -> dict[str, Any]:
-    cls = type(pool)
-    base_getconn, base_putconn = cls.getconn, cls.putconn
-    base_connect, base_close = cls._connect, cls._close_connection
-    shared = _Wait(pool, recorder)
-
-    def getconn(timeout: float | None = None) -> Any:
-        # Before anything else: the frames above are the caller's (``with pool.connection()``
-        # adds psycopg_pool's and contextlib's own, which the walk skips).
-        site = borrow_site(1) if shared.capture_site else None
-        stack = borrow_stack(1) if shared.capture_stack else None
-        queued = shared.started()
-        started = perf_counter()
-        try:
-            connection = base_getconn(pool, timeout)
-        except BaseException as error:
-            shared.ended(queued)
-            shared.failed(started, error)
-            raise
-        shared.ended(queued)
-        shared.got(connection, started, site, stack)
-        return connection
-
-    def putconn(connection: Any) -> None:
-        shared.returned(connection)
-        shared.returning_broken(connection)
-        base_putconn(pool, connection)
-
-    def _connect(timeout: float | None = None) -> Any:
-        started = perf_counter()
-        recorder.opening += 1
-        try:
-            connection = base_connect(pool, timeout)
-        except BaseException as error:
-            shared.connect_failed(error)
-            raise
-        shared.connected(started)
-        return connection
-
-    def _close_connection(connection: Any) -> None:
-        shared.closing(connection, sys._getframe(1).f_code.co_name)
-        base_close(pool, connection)
-
-    return {
-        "getconn": getconn,
-        "putconn": putconn,
-        "_connect": _connect,
-        "_close_connection": _close_connection,
-    }
-
-
-def _async_hooks(pool: Any, recorder: PoolRecorder) -> dict[str, Any]:
-    cls = type(pool)
-    base_getconn, base_putconn = cls.getconn, cls.putconn
-    base_connect, base_close = cls._connect, cls._close_connection
-    shared = _Wait(pool, recorder)
-
-    async def getconn(timeout: float | None = None) -> Any:
-        site = borrow_site(1) if shared.capture_site else None
-        stack = borrow_stack(1) if shared.capture_stack else None
-        queued = shared.started()
-        started = perf_counter()
-        try:
-            connection = await base_getconn(pool, timeout)
-        except BaseException as error:
-            shared.ended(queued)
-            shared.failed(started, error)
-            raise
-        shared.ended(queued)
-        shared.got(connection, started, site, stack)
-        return connection
-
-    async def putconn(connection: Any) -> None:
-        shared.returned(connection)
-        shared.returning_broken(connection)
-        await base_putconn(pool, connection)
-
-    async def _connect(timeout: float | None = None) -> Any:
-        started = perf_counter()
-        recorder.opening += 1
-        try:
-            connection = await base_connect(pool, timeout)
-        except BaseException as error:
-            shared.connect_failed(error)
-            raise
-        shared.connected(started)
-        return connection
-
-    async def _close_connection(connection: Any) -> None:
-        shared.closing(connection, sys._getframe(1).f_code.co_name)
-        await base_close(pool, connection)
-
-    return {
-        "getconn": getconn,
-        "putconn": putconn,
-        "_connect": _connect,
-        "_close_connection": _close_connection,
-    }
 
 
 def _safely(call: Any, *args: Any) -> None:
