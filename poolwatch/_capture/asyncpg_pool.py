@@ -22,9 +22,11 @@ pre-ping and invalidations (asyncpg has neither).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import urllib.parse
 from bisect import bisect_left
+from collections.abc import Callable
 from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +34,7 @@ import asyncpg  # type: ignore[import-untyped]
 from asyncpg.pool import Pool  # type: ignore[import-untyped]
 
 from .._log import internal_errors
-from .._record.context import NO_REQUEST_KEY, current_request
+from .._record.context import NO_REQUEST_KEY, current_request, route_label
 from .._record.recorder import CheckoutEntry, perf_counter
 from .._record.server import role_tag, server_label
 from .._record.source import PoolState
@@ -226,8 +228,10 @@ def hook_pool(pool: Pool, recorder: PoolRecorder, slow_query_seconds: float = 0.
     if pool.is_closing():
         raise ValueError("poolwatch: this asyncpg pool is closed or closing")
     original = type(pool)
-    pool.__class__ = _watched_class(original, recorder)
-    _hook_queue(pool._queue, recorder)
+    # Holders a caller waited for in the queue, until its checkout counts them (``checkouts_queued``).
+    queued_holders: set[Any] = set()
+    pool.__class__ = _watched_class(original, recorder, queued_holders)
+    _hook_queue(pool._queue, recorder, queued_holders)
     watched_driver_recorders.add(recorder)
     for holder in pool._holders:
         connection = holder._con
@@ -252,7 +256,7 @@ def unhook_pool(pool: Pool) -> None:
             _unwatch_connection(connection, recorder)
 
 
-def _watched_class(original: type[Pool], recorder: PoolRecorder) -> type[Pool]:
+def _watched_class(original: type[Pool], recorder: PoolRecorder, queued_holders: set[Any]) -> type[Pool]:
     open_checkouts = recorder.open_checkouts
     wait = recorder.wait
     bounds = wait.bounds
@@ -277,8 +281,11 @@ def _watched_class(original: type[Pool], recorder: PoolRecorder) -> type[Pool]:
             # asyncpg's acquire timeout, not a connect timeout inside it (also a TimeoutError).
             _failed_wait(recorder, started, timed_out=timeout is not None and waited >= timeout)
             raise
-        except BaseException:
+        except BaseException as error:
             _failed_wait(recorder, started, timed_out=False)
+            if isinstance(error, asyncio.CancelledError):
+                # A client that gave up while waiting, counted apart from timeouts.
+                _safely(recorder.wait_cancelled, route_label(get_request()))
             raise
         now = perf_counter()
         waited = now - started
@@ -286,6 +293,9 @@ def _watched_class(original: type[Pool], recorder: PoolRecorder) -> type[Pool]:
         wait.total += waited
         try:
             holder = proxy._holder
+            if queued_holders and holder in queued_holders:
+                queued_holders.discard(holder)
+                recorder.checkouts_queued += 1
             request = get_request()
             # The usage list is as long as the statement timer of SQLAlchemy's pools makes it.
             entry = (now, request, None, site, stack, holder, copy_context(), [0, 0.0, 0.0, 0.0, 0.0])
@@ -332,9 +342,10 @@ def _watched_class(original: type[Pool], recorder: PoolRecorder) -> type[Pool]:
     return type(original.__name__, (original,), namespace)
 
 
-def _hook_queue(queue: Any, recorder: PoolRecorder) -> None:
+def _hook_queue(queue: Any, recorder: PoolRecorder, queued_holders: set[Any]) -> None:
     original_get = queue.get
     original_put = queue.put_nowait
+    checkin = _checkin_of(recorder)
 
     async def get() -> Any:
         if not queue.empty():
@@ -344,13 +355,18 @@ def _hook_queue(queue: Any, recorder: PoolRecorder) -> None:
         if recorder.queued > recorder.peak_queued:
             recorder.peak_queued = recorder.queued
         try:
-            return await original_get()
+            holder = await original_get()
         finally:
             recorder.queued -= 1
+        # Counted by ``_acquire`` once the checkout succeeds (a failed one puts the holder back).
+        queued_holders.add(holder)
+        return holder
 
     def put_nowait(holder: Any) -> None:
         try:
-            _checkin(recorder, holder)
+            if queued_holders:
+                queued_holders.discard(holder)
+            checkin(holder)
         except Exception as error:
             internal_errors.record("checkin", error)
         original_put(holder)
@@ -359,27 +375,44 @@ def _hook_queue(queue: Any, recorder: PoolRecorder) -> None:
     queue.put_nowait = put_nowait
 
 
-def _checkin(recorder: PoolRecorder, holder: Any) -> None:
-    # The pop decides: a holder put back without a checkout of ours (start-up, a failed acquire)
-    # finds nothing.
-    entry = recorder.open_checkouts.pop(holder, None)
-    if entry is None:
-        return
-    recorder.in_use -= 1
-    held = perf_counter() - entry[0]
-    request = entry[1]
-    key = NO_REQUEST_KEY if request is None else (request.key or request.labels())
-    histograms = recorder.histograms_for(key)
-    histograms[0].observe(held)
-    idle = held - entry[7][1]
-    histograms[1].observe(idle)
-    if recorder.tracing:
-        found = exemplar(held)
-        if found is not None:
-            recorder.use_exemplars[key] = found
+def _checkin_of(recorder: PoolRecorder) -> Callable[[Any], None]:
+    """The checkin of one pool's holders, the recorder's fields read once (see ``pool_hooks``)."""
+    open_checkouts = recorder.open_checkouts
+    leaked_records = recorder.leaked_records
+    histograms_by_key = recorder.histograms_by_key
+    histograms_for = recorder.histograms_for
+    no_request_histograms = histograms_by_key[NO_REQUEST_KEY]
     thresholds = [t for t in (recorder.leak_threshold, recorder.held_idle_threshold) if t > 0]
-    if held > min(thresholds, default=float("inf")) or holder in recorder.leaked_records:
-        recorder.returned_notably(CheckoutEntry(*entry), key, held, idle)
+    notable = min(thresholds, default=float("inf"))
+    tracing = recorder.tracing
+
+    def checkin(holder: Any) -> None:
+        # The pop decides: a holder put back without a checkout of ours (start-up, a failed
+        # acquire) finds nothing.
+        entry = open_checkouts.pop(holder, None)
+        if entry is None:
+            return
+        recorder.in_use -= 1
+        held = perf_counter() - entry[0]
+        request = entry[1]
+        if request is None:
+            key = NO_REQUEST_KEY
+            use, idle_histogram, _ = no_request_histograms
+        else:
+            key = request.key or request.labels()
+            # Read without the lock once made (one dict read); made under it the first time.
+            use, idle_histogram, _ = histograms_by_key.get(key) or histograms_for(key)
+        use.observe(held)
+        idle = held - entry[7][1]
+        idle_histogram.observe(idle)
+        if tracing:
+            found = exemplar(held)
+            if found is not None:
+                recorder.use_exemplars[key] = found
+        if held > notable or (leaked_records and holder in leaked_records):
+            recorder.returned_notably(CheckoutEntry(*entry), key, held, idle)
+
+    return checkin
 
 
 # -- per connection: statements and disconnects -------------------------------------------------
