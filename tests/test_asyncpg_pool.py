@@ -160,6 +160,33 @@ async def test_health_ok_saturated_and_down(postgres_url: str, registry: Collect
     await pool.close()
 
 
+async def test_live_page_lists_the_checkouts(postgres_url: str, registry: CollectorRegistry) -> None:
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=2)
+    app = FastAPI()
+    watch = poolwatch.instrument(app, pool, registry=registry, name="page", ui="always")
+    idle = await pool.acquire()
+    await pool.release(idle)  # a checkout returned: no row
+    connection = await pool.acquire(); line = _line()  # noqa: E702 - same line on purpose  # fmt: skip
+    await connection.fetchval("SELECT 1")
+    await connection.fetchval("SELECT 2")
+    # asyncpg hands each statement to its query loggers with call_soon before the statement's await
+    # returns: one turn of the loop runs them.
+    await asyncio.sleep(0)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        state = (await client.get("/poolwatch/state")).json()
+    await pool.release(connection)
+    (found,) = [p for p in state["pools"] if p["name"] == "page"]
+    rows = [dict(zip(found["connection_fields"], values, strict=True)) for values in found["connections"]]
+    assert len(rows) == 1 and found["connections_out"] == 1
+    assert rows[0]["site"] == f"{shown_path(__file__)}:{line}"
+    assert rows[0]["function"] == "test_live_page_lists_the_checkouts"
+    assert rows[0]["statements"] == 2
+    assert found["driver"] == "asyncpg"
+    watch.close()
+    await pool.close()
+
+
 async def test_unwatched_pools_are_left_as_asyncpg_made_them(
     postgres_url: str, registry: CollectorRegistry
 ) -> None:
