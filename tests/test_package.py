@@ -168,5 +168,5 @@ def test_the_wheel_runs_the_readme_quick_start_in_a_clean_venv(venv: Path, tmp_p
 def test_the_docs_name_every_extra() -> None:
     text = GETTING_STARTED.read_text()
     section = text.split("## Install", 1)[1].split("\n## ", 1)[0]
-    rows = set(re.findall(r"^\| `([a-z]+)` \|", section, re.MULTILINE))
+    rows = set(re.findall(r"^\| `([a-z-]+)` \|", section, re.MULTILINE))
     assert rows == set(PYPROJECT["project"]["optional-dependencies"]), rows

@@ -405,7 +405,8 @@ def test_a_connection_out_shows_its_site_route_and_age(
     assert pool["now"]["used"] == 1 and pool["now"]["max"] == 3
     assert pool["connections_out"] == 1
     assert pool["connection_fields"] == [
-        "age_ms", "method", "route", "site", "function", "statements", "statement_ms", "leaked"
+        "age_ms", "method", "route", "site", "function", "statements", "statement_ms", "leaked",
+        "connection_age_ms", "uses", "idle_in_transaction_ms", "after_response_ms",
     ]  # fmt: skip
     (values,) = pool["connections"]
     row = dict(zip(pool["connection_fields"], values, strict=True))
