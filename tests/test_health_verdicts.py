@@ -273,3 +273,29 @@ def test_the_exact_token_shows_exact_details(token_client: httpx.Client) -> None
         pool = body["pools"]["primary"]
         assert (pool["status"], pool["used"], pool["max"], pool["pending"]) == ("ok", 0, 11, 0)
         assert set(pool) == {"status", "latency_seconds", "used", "idle", "max", "pending"}
+
+
+@pytest.mark.parametrize("details", ["never", "always"])
+def test_the_token_changes_nothing_unless_details_are_token(
+    postgres_url: str, registry: CollectorRegistry, details: str
+) -> None:
+    """A token configured (the live page may use it) with details "never": even the exact token
+    shows nothing; with "always", every caller sees them, token or not."""
+    engine = sa.create_engine(make_url(postgres_url).set(drivername="postgresql+psycopg"), pool_size=1)
+    app = Starlette()
+    poolwatch.instrument(
+        app, engine, registry=registry, name="primary", health_token=TOKEN, health_cache_seconds=30,
+        health_details="never" if details == "never" else "always",
+    )  # fmt: skip
+    try:
+        with served(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+            answers = [
+                client.get("/health/db", headers=headers).json()
+                for headers in ({}, {"authorization": f"Bearer {TOKEN}"}, {"authorization": "Bearer wrong"})
+            ]
+    finally:
+        engine.dispose()
+    if details == "never":
+        assert answers == [{"status": "ok"}] * 3
+    else:
+        assert all(set(answer) == {"status", "pools"} for answer in answers), answers
