@@ -28,7 +28,7 @@ def _points(reader: InMemoryMetricReader) -> dict[tuple[str, frozenset[tuple[str
             if scope.scope.name == "poolwatch":
                 for metric in scope.metrics:
                     for point in metric.data.data_points:
-                        found[(metric.name, frozenset(point.attributes.items()))] = point
+                        found[(metric.name, frozenset((point.attributes or {}).items()))] = point
     return found
 
 
