@@ -69,6 +69,12 @@ def busy_registry(sync_url: str, registry: CollectorRegistry):  # type: ignore[n
         time.time(),
     )
     recorder.query_exemplars["SELECT"] = ("4bf92f3577b34da6a3ce929d0e0e4736", 0.00025, time.time())
+    # Above every finite bound: it belongs to the +Inf bucket.
+    recorder.use_exemplars[("/orders/{order_id}", "GET")] = (
+        "5ce0e9a56015fec5aadfa328ae398115",
+        1e6,
+        time.time(),
+    )
     yield registry, watch
     bounded.dispose()
     unbounded.dispose()
@@ -96,6 +102,7 @@ def test_openmetrics_output_matches_prometheus_client(busy_registry) -> None:  #
     assert {e[0]["trace_id"] for e in exemplars} == {
         "0af7651916cd43dd8448eb211c80319c",
         "4bf92f3577b34da6a3ce929d0e0e4736",
+        "5ce0e9a56015fec5aadfa328ae398115",
     }
     assert rendered.body.endswith(b"# EOF\n") and rendered.body.count(b"# EOF") == 1
     # Each exemplar on the bucket its value is at or under: both values lie exactly on a bound.
@@ -107,8 +114,17 @@ def test_openmetrics_output_matches_prometheus_client(busy_registry) -> None:  #
     }
     assert placed == {
         ("poolwatch_use_seconds_bucket", "0.005"),
+        ("poolwatch_use_seconds_bucket", "+Inf"),
         ("poolwatch_query_seconds_bucket", "0.00025"),
     }
+    # A counter's family is its name without "_total", and its samples are named with it.
+    body = rendered.body.decode()
+    counters = re.findall(r"^# TYPE (poolwatch_\w+) counter$", body, re.MULTILINE)
+    assert "poolwatch_checkouts" in counters and "poolwatch_query_errors" in counters
+    for family in counters:
+        assert f"# HELP {family} " in body, family
+    for family in ("poolwatch_checkouts", "poolwatch_query_errors"):
+        assert re.search(rf"^{family}_total{{", body, re.MULTILINE), family
 
 
 def test_a_failing_direct_write_falls_back_to_the_general_encoder(  # type: ignore[no-untyped-def]
@@ -201,7 +217,7 @@ def test_the_openmetrics_format_parses_in_promtool_with_its_exemplars(  # type: 
     body = rendered.body
     assert body.endswith(b"# EOF\n") and body.count(b"# EOF") == 1
     exemplar = re.compile(rb" # \{trace_id=\"[0-9a-f]{32}\"\} [0-9.e+-]+ [0-9.]+$", re.MULTILINE)
-    assert len(exemplar.findall(body)) == 2
+    assert len(exemplar.findall(body)) == 3
     bare = exemplar.sub(b"", body)
     assert b" # {" not in bare
     checked = promtool_check(bare)
@@ -279,7 +295,7 @@ async def test_metrics_over_asgi_negotiates_compresses_and_refuses_writes(busy_r
     assert status == 200 and headers[b"content-type"].startswith(
         b"application/openmetrics-text; version=1.0.0"
     )
-    assert body.endswith(b"# EOF\n") and body.count(b" # {") == 2
+    assert body.endswith(b"# EOF\n") and body.count(b" # {") == 3
     # HEAD: the headers, no body. Anything else: 405 naming what is allowed.
     status, headers, body = await asgi_get(registry, watch, "HEAD", [])
     assert (status, body, headers[b"content-type"]) == (200, b"", b"text/plain; version=0.0.4; charset=utf-8")
