@@ -83,6 +83,14 @@ class AsyncpgSource:
     """An asyncpg pool as ``_record`` and ``_serve`` see it."""
 
     library = "asyncpg"
+    # Families this library cannot give: exported as absent, never as a made-up zero.
+    unavailable = frozenset({
+        "poolwatch_connections_overflow",  # asyncpg's pool has no overflow
+        "poolwatch_connections_pinging", "poolwatch_pre_ping_failures_total",  # no pre-ping
+        "poolwatch_gc_reclaimed_total",  # a lost connection is never returned by the collector
+        "poolwatch_idle_in_transaction_seconds",  # transactions are not followed on driver pools
+        "poolwatch_held_after_response_seconds",
+    })  # fmt: skip
     dialect = "postgresql"
     driver = "asyncpg"
     is_async = True

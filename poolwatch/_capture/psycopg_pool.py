@@ -126,6 +126,13 @@ class PsycopgPoolSource:
     """A psycopg_pool pool as ``_record`` and ``_serve`` see it."""
 
     library = "psycopg_pool"
+    # Families this library cannot give: exported as absent, never as a made-up zero.
+    unavailable = frozenset({
+        "poolwatch_connections_pinging", "poolwatch_pre_ping_failures_total",  # check() is not pre-ping
+        "poolwatch_gc_reclaimed_total",  # a lost connection is never returned by the collector
+        "poolwatch_idle_in_transaction_seconds",  # transactions are not followed on driver pools
+        "poolwatch_held_after_response_seconds",
+    })  # fmt: skip
     dialect = "postgresql"
     driver = "psycopg"
     engine = None

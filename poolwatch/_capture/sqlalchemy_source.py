@@ -28,6 +28,7 @@ _NEVER_PROBED = (SingletonThreadPool, StaticPool, AssertionPool)
 
 class SqlAlchemySource:
     library = "sqlalchemy"
+    unavailable: frozenset[str] = frozenset()
 
     def __init__(self, engine: Engine) -> None:
         self._engine_ref = weakref.ref(engine)

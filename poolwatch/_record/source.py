@@ -38,6 +38,9 @@ class PoolSource(Protocol):
     role: str
     # Whether the pool's connections belong to an event loop (probed there, never from a thread).
     is_async: bool
+    # Metric families this library cannot give (absent from the exposition, never a made-up zero);
+    # a source without the attribute gives them all.
+    unavailable: frozenset[str]
 
     @property
     def engine(self) -> Any:

@@ -141,6 +141,19 @@ def read_scrape(
 
 
 def _read_pool(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
+    unavailable = getattr(recorder.source, "unavailable", None)
+    if unavailable:
+        # A pool library that cannot give some families: they are absent, never a made-up zero.
+        into = Scrape(rows={family: [] for family in scrape.rows})
+        _read_pool_rows(into, name, recorder)
+        for family, rows in into.rows.items():
+            if family not in unavailable:
+                scrape.rows[family].extend(rows)
+        return
+    _read_pool_rows(scrape, name, recorder)
+
+
+def _read_pool_rows(scrape: Scrape, name: str, recorder: PoolRecorder) -> None:
     snap = recorder.snapshot()
     state = read_pool_state(recorder, snap.live.count)
     pool = (name,)
