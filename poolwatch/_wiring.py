@@ -114,6 +114,8 @@ def _instrumentation(target: Any) -> _Instrumented | _DriverInstrumented | None:
     if isinstance(target, Engine):
         return _instrumented.get(target)
     return _driver_instrumented.get(id(target))
+
+
 _instrument_lock = threading.Lock()
 
 

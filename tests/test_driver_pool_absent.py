@@ -4,7 +4,7 @@ and transactions and holds across a response are followed on SQLAlchemy's pools 
 
 from __future__ import annotations
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import psycopg_pool
 import pytest
 import sqlalchemy as sa

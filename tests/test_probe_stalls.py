@@ -138,7 +138,7 @@ def test_a_full_pool_stuck_in_queries_with_nobody_waiting_is_saturated_not_ok_an
     ):
         # Both connections opened and back in the pool, so the stalled requests hold them.
         assert [f.result() for f in [callers.submit(get, url, "/sleep/0.2") for _ in range(2)]] == [200, 200]
-        assert client.get("/health/db").status_code == 200
+        assert client.get("/health/db").json()["status"] == "ok"
         ok_at = time.monotonic()
         proxy.set_mode("stall")
         requests = [callers.submit(get, url, "/one") for _ in range(2)]
@@ -217,7 +217,7 @@ def test_recovery_shows_within_one_cache_period_while_a_sync_probe_hangs_in_conn
         # Within a cache period and a deadline; behind the hung probe it would take psycopg's
         # connect timeout (130 s).
         wait_until(
-            lambda: client.get("/health/db").status_code == 200,
+            lambda: client.get("/health/db").json() == {"status": "ok"},
             WELL_WITHIN,
             "/health/db stayed down behind the hung probe",
         )

@@ -396,8 +396,11 @@ def test_a_connection_out_shows_its_site_route_and_age(
             assert client.get(f"/items/{item}").status_code == 200
         held = engine.connect()
         line = sys._getframe().f_lineno - 1
+        taken = time.monotonic()
+        time.sleep(0.2)
         try:
             state = client.get("/poolwatch/state").json()
+            read = time.monotonic()
         finally:
             held.close()
     (pool,) = state["pools"]
@@ -414,7 +417,9 @@ def test_a_connection_out_shows_its_site_route_and_age(
     assert row["site"] == f"{Path(__file__).relative_to(Path.cwd())}:{line}"
     assert row["function"] == "test_a_connection_out_shows_its_site_route_and_age"
     assert row["route"] == "<none>" and row["method"] == "<none>"
-    assert row["leaked"] is False and isinstance(row["age_ms"], int) and row["age_ms"] >= 0
+    # Held 0.2 s before the read, and no longer than the time between taking and reading it.
+    assert row["leaked"] is False and isinstance(row["age_ms"], int)
+    assert 200 <= row["age_ms"] <= (read - taken) * 1000 + 1
     # Counted by the statement timer while the connection is out: none ran on it yet.
     assert row["statements"] == 0 and row["statement_ms"] == 0
     series = pool["history"]
