@@ -73,7 +73,7 @@ for group in "${groups[@]}"; do
       ;;
     serve)
       # Everything that answers: HTTP, health, the live page, workers, causes, the server's limit.
-      modules+=("poolwatch/_serve/*.py" "poolwatch/_serve/capacity/*.py")
+      modules+=("poolwatch/_serve/*.py" "poolwatch/_capture/capacity/*.py")
       functions+=("poolwatch._serve.*")
       tests+=(
         tests/serve tests/test_health.py tests/test_health_verdicts.py tests/test_probe_stalls.py
@@ -178,7 +178,7 @@ from pathlib import Path
 
 from mutmut.stats import status_by_exit_code
 
-# The score per package folder (poolwatch/_serve/capacity counts in poolwatch/_serve), read from
+# The score per package folder (poolwatch/_capture/capacity counts in poolwatch/_serve here), read from
 # the result files mutmut writes beside each mutated module. Mutants no selected test runs
 # ("no tests") count as not killed; mutants not in the run's functions are not counted.
 by_folder: dict[str, Counter[str]] = {}

@@ -29,9 +29,9 @@ from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
 import poolwatch
+from poolwatch._capture.capacity import reader
 from poolwatch._capture.pool_hooks import recorder_of
 from poolwatch._record.recorder import PoolRecorder
-from poolwatch._serve.capacity import reader
 from tests.metrics import parse_text, scrape
 from tests.pgbouncer import PgBouncer, pgbouncer  # noqa: F401
 from tests.proxy import FaultProxy

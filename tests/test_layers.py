@@ -215,7 +215,7 @@ def test_gunicorns_master_loads_only_what_its_hooks_use() -> None:
 
 # Modules of _record and _serve that still import SQLAlchemy at run time (to be moved behind
 # ``_record.source.PoolSource``): the server-limit reader takes a connection through SQLAlchemy.
-STILL_SQLALCHEMY = {"poolwatch._serve.capacity.reader"}
+STILL_SQLALCHEMY: set[str] = set()
 
 
 def runtime_library_imports(path: Path) -> list[str]:

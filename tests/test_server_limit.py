@@ -35,11 +35,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import poolwatch
+from poolwatch._capture.capacity import ensure_read, limits, reader
 from poolwatch._capture.pool_hooks import recorder_of
 from poolwatch._log import internal_errors
 from poolwatch._record.recorder import PoolRecorder
 from poolwatch._record.server import role_tag, server_label
-from poolwatch._serve.capacity import ensure_read, limits, reader
 from tests.metrics import scrape
 from tests.proxy import FaultProxy
 

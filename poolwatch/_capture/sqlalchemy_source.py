@@ -72,6 +72,12 @@ class SqlAlchemySource:
             taken=max(taken, live_count),
         )
 
+    def ensure_limit_read(self, recorder: Any, loop: Any = None) -> None:
+        """Start a background read of the server's connection limit if one is due (never waits)."""
+        from .capacity import ensure_read
+
+        ensure_read(recorder, loop)
+
     def never_probed(self) -> bool:
         return isinstance(self.pool, _NEVER_PROBED)
 

@@ -15,6 +15,8 @@ from .._log import internal_errors
 
 NO_REQUEST = "<none>"
 UNMATCHED = "<unmatched>"
+# The route label of the /health/db probe's own checkouts (and the server limit read's).
+PROBE_ROUTE = "<probe>"
 # (route, method) of work outside any request.
 NO_REQUEST_KEY = (NO_REQUEST, NO_REQUEST)
 

@@ -161,7 +161,7 @@ class PoolRecorder:
         # one server share it, so the fleet's capacity is summed per role, and it names nobody.
         self.role = source.role
         # The connection limit of this pool's role and database on its server (see
-        # ``_serve.capacity``): the setting's number if given, else read from the server by
+        # ``_capture.capacity``): the setting's number if given, else read from the server by
         # ``ensure_read`` (None until read, behind a pooler, for SQLite, when unreadable, and when
         # the setting is off). ``server_limit_read_at`` is the monotonic time of the last read that
         # succeeded; ``server_limit_readable`` is False when the setting gave a number or "off".

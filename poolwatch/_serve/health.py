@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from .._log import internal_errors
 from .._record.events import HealthChanged, emit
-from .capacity import ensure_read
 from .http import (
     READ_METHODS,
     Receive,
@@ -100,8 +99,11 @@ class HealthEndpoints:
         for recorder, answer in zip(recorders, answers, strict=True):
             _log_change(recorder, answer)
             if self._may_probe(recorder):  # never on a loop that does not own its connections
-                # The server's connection limit, read apart from this answer and never in its way.
-                ensure_read(recorder)
+                # The server's connection limit, read apart from this answer and never in its way
+                # (by the pool library's own room in _capture; a library without one reads none).
+                ensure_limit_read = getattr(recorder.source, "ensure_limit_read", None)
+                if ensure_limit_read is not None:
+                    ensure_limit_read(recorder)
             if _SEVERITY[answer.status] > _SEVERITY[worst]:
                 worst = answer.status
         if worst == "ok":

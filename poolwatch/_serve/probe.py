@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .._log import internal_errors
 from .._record.context import NO_REQUEST, RequestContext, current_request
+from .._record.context import PROBE_ROUTE as _PROBE_ROUTE
 from .._record.source import PoolState
 from .collector import read_pool_state
 
@@ -84,8 +85,9 @@ if TYPE_CHECKING:
 
 Status = Literal["ok", "down", "saturated"]
 
-# The route label of the probe's own checkouts, beside ``<none>`` and ``<unmatched>``.
-PROBE_ROUTE = "<probe>"
+# The route label of the probe's own checkouts, beside ``<none>`` and ``<unmatched>``: defined with
+# them in ``_record.context`` (the limit read in ``_capture`` uses it too), and named here as well.
+PROBE_ROUTE = _PROBE_ROUTE
 
 monotonic = time.monotonic
 

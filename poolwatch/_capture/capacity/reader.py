@@ -56,8 +56,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.pool import QueuePool
 
 from ..._log import internal_errors, logger
-from ..._record.context import NO_REQUEST, RequestContext, current_request
-from ..probe import PROBE_ROUTE
+from ..._record.context import NO_REQUEST, PROBE_ROUTE, RequestContext, current_request
 from .limits import Endpoint, Reading, endpoint_of, interpret, query_for
 
 if TYPE_CHECKING:
