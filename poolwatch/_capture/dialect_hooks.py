@@ -112,7 +112,7 @@ def hook_dialect(dialect: Dialect, recorder: PoolRecorder, slow_query_seconds: f
     setattr(dialect, _MARK, recorder)
 
 
-def _transaction_ends(dialect: Dialect, recorder: PoolRecorder) -> Callable[[], None]:
+def _transaction_ends(dialect: Dialect, recorder: PoolRecorder) -> Callable[[], bool]:
     """A commit or rollback ends the open transaction's idle stretch (``_record.holds``): at its
     start, since the round trip is not idle.
 
@@ -145,11 +145,21 @@ def _transaction_ends(dialect: Dialect, recorder: PoolRecorder) -> Callable[[], 
         end_stretch(dbapi_connection)
         original_rollback(dbapi_connection)
 
-    def install() -> None:
+    def install() -> bool:
+        """Put the two wrappers in place; False (to be asked again later) while something else has
+        put its own on the dialect since poolwatch hooked it (a test's ``mock.patch.object``, say):
+        that one is never replaced, and sees every call it would have seen without poolwatch."""
         # Idempotent: two threads installing at once put the same two functions in place.
-        if getattr(dialect, _MARK, None) is recorder:
-            dialect.do_commit = do_commit  # type: ignore[method-assign]
-            dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+        if getattr(dialect, _MARK, None) is not recorder:
+            return True
+        present = dialect.__dict__
+        if present.get("do_commit", do_commit) is not do_commit or (
+            present.get("do_rollback", do_rollback) is not do_rollback
+        ):
+            return False
+        dialect.do_commit = do_commit  # type: ignore[method-assign]
+        dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+        return True
 
     return install
 
@@ -171,7 +181,7 @@ class _StatementTimer:
         recorder: PoolRecorder,
         slow_query_seconds: float,
         read_transaction: TransactionReader | None,
-        hook_ends: Callable[[], None] | None,
+        hook_ends: Callable[[], bool] | None,
     ) -> None:
         ends_hooked = [hook_ends is None]
         read_state = None if read_transaction is None else read_transaction[0]
@@ -238,8 +248,7 @@ class _StatementTimer:
                             usage[3] = ended
                             usage[4] = usage[1]
                             if not ends_hooked[0]:
-                                ends_hooked[0] = True
-                                hook_ends()  # type: ignore[misc]
+                                ends_hooked[0] = hook_ends()  # type: ignore[misc]
                         else:
                             usage[3] = 0.0
                 if tracing:
