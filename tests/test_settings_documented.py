@@ -1,7 +1,7 @@
 """Every setting takes, through the environment (a string), each value its documentation names.
 
 The documentation is read, not copied: ``docs/reference/settings.md`` when it exists, else
-README.md. The repository's own files only (never ../shared).
+README.md: the repository's own files only.
 
 What is read (tell the documentation's author; ``test_the_settings_table_is_found`` fails when
 there is none):

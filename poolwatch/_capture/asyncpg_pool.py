@@ -42,6 +42,8 @@ from .borrow_site import borrow_site, borrow_stack
 from .driver_errors import driver_error_class
 from .sql import operation_cache, operation_of
 from .tracing import exemplar
+from .watched_drivers import UNAVAILABLE, check_version
+from .watched_drivers import UnsupportedVersion as UnsupportedVersion
 from .watched_drivers import recorders as watched_driver_recorders
 
 if TYPE_CHECKING:
@@ -54,25 +56,12 @@ SUPPORTED = ((0, 29), (0, 32))
 _PROBE_SCOPE = "poolwatch.probe"
 
 
-class UnsupportedVersion(RuntimeError):
-    pass
-
-
 def check_supported(version: str | None = None) -> None:
     """Refuse an asyncpg whose pool poolwatch does not know, with a message saying so."""
-    version = asyncpg.__version__ if version is None else version
-    try:
-        major_minor = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        major_minor = (-1, -1)
     missing = [name for name in ("_acquire", "_get_new_connection", "release") if not hasattr(Pool, name)]
-    low, high = SUPPORTED
-    if not low <= major_minor <= high or missing:
-        raise UnsupportedVersion(
-            f"poolwatch: asyncpg {version} is not supported (poolwatch watches asyncpg's pool for "
-            f"asyncpg {low[0]}.{low[1]} to {high[0]}.{high[1]}); pin asyncpg to that range, or "
-            "watch a SQLAlchemy engine over asyncpg instead"
-        )
+    check_version(
+        "asyncpg", asyncpg.__version__ if version is None else version, SUPPORTED, missing, "asyncpg"
+    )
 
 
 def is_asyncpg_pool(candidate: object) -> bool:
@@ -84,13 +73,7 @@ class AsyncpgSource:
 
     library = "asyncpg"
     # Families this library cannot give: exported as absent, never as a made-up zero.
-    unavailable = frozenset({
-        "poolwatch_connections_overflow",  # asyncpg's pool has no overflow
-        "poolwatch_connections_pinging", "poolwatch_pre_ping_failures_total",  # no pre-ping
-        "poolwatch_gc_reclaimed_total",  # a lost connection is never returned by the collector
-        "poolwatch_idle_in_transaction_seconds",  # transactions are not followed on driver pools
-        "poolwatch_held_after_response_seconds",
-    })  # fmt: skip
+    unavailable = UNAVAILABLE | {"poolwatch_connections_overflow"}  # asyncpg's pool has no overflow
     dialect = "postgresql"
     driver = "asyncpg"
     is_async = True

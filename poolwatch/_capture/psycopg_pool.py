@@ -62,6 +62,7 @@ from .borrow_site import borrow_site, borrow_stack, is_library_file
 from .driver_errors import driver_error_class
 from .sql import operation_cache, operation_of
 from .tracing import exemplar
+from .watched_drivers import UNAVAILABLE, UnsupportedVersion, check_version
 from .watched_drivers import recorders as watched_driver_recorders
 
 if TYPE_CHECKING:
@@ -91,28 +92,14 @@ _CLOSE_REASONS = {
 }
 
 
-class UnsupportedVersion(RuntimeError):
-    pass
-
-
 def check_supported(version: str | None = None) -> None:
     """Refuse a psycopg_pool whose pools poolwatch does not know, with a message saying so."""
-    version = psycopg_pool.__version__ if version is None else version
-    try:
-        major_minor = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        major_minor = (-1, -1)
     missing = [
         f"{cls.__name__}.{name}" for cls in _POOL_CLASSES for name in (*_HOOKED, "get_stats")
         if not hasattr(cls, name)
     ]  # fmt: skip
-    low, high = SUPPORTED
-    if not low <= major_minor <= high or missing:
-        raise UnsupportedVersion(
-            f"poolwatch: psycopg_pool {version} is not supported (poolwatch watches psycopg_pool "
-            f"{low[0]}.{low[1]} to {high[0]}.{high[1]}); pin psycopg-pool to that range, or watch a "
-            "SQLAlchemy engine over psycopg instead"
-        )
+    version = psycopg_pool.__version__ if version is None else version
+    check_version("psycopg_pool", version, SUPPORTED, missing, "psycopg")
 
 
 def is_psycopg_pool(candidate: object) -> bool:
@@ -127,12 +114,7 @@ class PsycopgPoolSource:
 
     library = "psycopg_pool"
     # Families this library cannot give: exported as absent, never as a made-up zero.
-    unavailable = frozenset({
-        "poolwatch_connections_pinging", "poolwatch_pre_ping_failures_total",  # check() is not pre-ping
-        "poolwatch_gc_reclaimed_total",  # a lost connection is never returned by the collector
-        "poolwatch_idle_in_transaction_seconds",  # transactions are not followed on driver pools
-        "poolwatch_held_after_response_seconds",
-    })  # fmt: skip
+    unavailable = UNAVAILABLE  # check() runs inside the wait; it is not a pre-ping
     dialect = "postgresql"
     driver = "psycopg"
     engine = None
