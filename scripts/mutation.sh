@@ -90,6 +90,7 @@ for group in "${groups[@]}"; do
       functions+=("poolwatch._guard.*" "poolwatch.pytest_plugin.*" "poolwatch._settings.*")
       tests+=(
         tests/test_guard.py tests/test_guard_checkouts.py tests/test_pytest_plugin.py
+        tests/test_guard_in_process.py tests/test_pytest_plugin_in_process.py
         tests/test_settings.py tests/test_settings_documented.py tests/test_settings_refusals.py
       )
       ;;
