@@ -68,7 +68,7 @@ for group in "${groups[@]}"; do
         tests/test_histograms.py tests/test_pool_metrics.py tests/test_attribution.py
         tests/test_exposition.py tests/test_otel.py tests/test_logging.py tests/test_install.py
         tests/test_held_idle_and_failures.py tests/test_held_idle_database_time.py
-        tests/test_gc_reentry.py
+        tests/test_gc_reentry.py tests/record/test_copies.py
       )
       ;;
     serve)

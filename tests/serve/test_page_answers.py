@@ -1,0 +1,136 @@
+"""The live page's answers, byte for byte: what a refused browser or script is told, the headers
+that keep the page locked down, and the Authorization forms a client may send.
+
+tests/serve/test_live_page.py checks that these answers work; here each is compared whole, so a
+changed word, header or content type is caught (mutation testing found them unchecked).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+import poolwatch
+
+TOKEN = "Yf+3kQ/zP0a+Lm7/Q1w2Eg=="
+
+PAGE_401 = (
+    "401: the poolwatch live page needs its token (POOLWATCH_UI_TOKEN, else POOLWATCH_HEALTH_TOKEN).\n"
+    "Open /poolwatch?token=<token> once in the browser, the token as it is ('+', '/' and '=' need no "
+    "escaping), or send 'Authorization: Bearer <token>'.\n"
+)
+
+
+@pytest.fixture
+def engine(sync_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(sync_url, pool_size=2)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def client(engine: sa.Engine, registry: CollectorRegistry) -> Iterator[TestClient]:
+    app = FastAPI()
+    poolwatch.instrument(app, engine, registry=registry, name="main", ui="token", ui_token=TOKEN)
+    with TestClient(app) as client:
+        yield client
+
+
+def test_the_refused_page_is_plain_text_saying_how_to_give_the_token(client: TestClient) -> None:
+    refused = client.get("/poolwatch")
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "text/plain; charset=utf-8"
+    assert refused.headers["www-authenticate"] == 'Bearer realm="poolwatch"'
+    assert refused.text == PAGE_401
+
+
+def test_the_refused_state_is_json_naming_the_setting(client: TestClient) -> None:
+    refused = client.get("/poolwatch/state")
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.headers["www-authenticate"] == 'Bearer realm="poolwatch"'
+    assert refused.json() == {"detail": "a bearer token is required (POOLWATCH_UI_TOKEN)"}
+
+
+def test_the_refused_page_under_another_path_names_that_path(
+    engine: sa.Engine, registry: CollectorRegistry
+) -> None:
+    app = FastAPI()
+    poolwatch.instrument(app, engine, registry=registry, ui="token", ui_token=TOKEN, ui_path="/ops/pool")
+    with TestClient(app) as client:
+        refused = client.get("/ops/pool")
+    assert refused.status_code == 401
+    assert refused.text == PAGE_401.replace("/poolwatch?token=", "/ops/pool?token=")
+
+
+def test_the_page_carries_exactly_its_lockdown_headers(client: TestClient) -> None:
+    answer = client.get("/poolwatch", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "text/html; charset=utf-8"
+    scripts = re.findall(r"<script>(.*?)</script>", answer.text, re.S)
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert answer.headers["content-security-policy"] == (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["referrer-policy"] == "no-referrer"
+    # A header token sets no cookie: only an address with ?token= does.
+    assert "set-cookie" not in answer.headers
+
+
+def test_the_state_is_json_that_is_not_sniffed(client: TestClient) -> None:
+    answer = client.get("/poolwatch/state", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert [pool["name"] for pool in json.loads(answer.content)["pools"]] == ["main"]
+
+
+def test_the_cookie_set_from_the_address_is_exact(client: TestClient) -> None:
+    opened = client.get(f"/poolwatch?token={TOKEN}", headers={"X-Forwarded-Proto": "https"})
+    assert opened.status_code == 200
+    assert opened.headers["set-cookie"] == (
+        "poolwatch_token=Yf%2B3kQ%2FzP0a%2BLm7%2FQ1w2Eg%3D%3D; Path=/poolwatch; HttpOnly; "
+        "SameSite=Strict; Secure"
+    )
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        f"Bearer {TOKEN}",
+        f"bearer {TOKEN}",
+        f"BEARER {TOKEN}",
+        f"Bearer  {TOKEN}",  # more than one space before the credentials
+        f"  Bearer {TOKEN}  ",
+    ],
+)
+def test_the_bearer_scheme_is_read_as_http_says(client: TestClient, authorization: str) -> None:
+    assert client.get("/poolwatch/state", headers={"Authorization": authorization}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        TOKEN,  # no scheme
+        f"Basic {TOKEN}",
+        f"Bearer{TOKEN}",
+        "Bearer",
+        "Bearer   ",
+        f"Token {TOKEN}",
+        f"Bearer {TOKEN} extra",
+    ],
+)
+def test_other_authorization_forms_are_refused(client: TestClient, authorization: str) -> None:
+    assert client.get("/poolwatch/state", headers={"Authorization": authorization}).status_code == 401
