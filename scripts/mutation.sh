@@ -81,7 +81,7 @@ for group in "${groups[@]}"; do
         tests/test_sidecar.py tests/test_workers.py tests/test_multiworker.py
         tests/test_threadpool.py tests/test_threadpool_starvation.py tests/test_capacity.py
         tests/test_server_limit.py tests/test_app_middleware_route.py tests/test_pool_metrics.py
-        tests/test_attribution.py
+        tests/test_attribution.py tests/capture/test_capacity_limits.py
       )
       ;;
     edge)
@@ -152,9 +152,11 @@ done
   printf '    %s\n' "${skip_lines[@]}"
   echo "pytest_add_cli_args_test_selection ="
   printf '    %s\n' "${selected[@]}" "-k" "$deselect"
-  # Files the tests read beside the package and the tests (the settings table, the dashboards).
+  # Files the tests read beside the package and the tests (the settings table, the dashboards),
+  # and this file: a server a test starts (gunicorn, the starvation app) runs in the mutants
+  # folder and imports the mutated package, whose trampolines read mutmut's settings from there.
   echo "also_copy ="
-  for extra in README.md pyproject.toml docs dashboards scripts demo_app benchmarks; do
+  for extra in README.md pyproject.toml docs dashboards scripts demo_app benchmarks setup.cfg; do
     if [ -e "$extra" ]; then printf '    %s\n' "$extra"; fi
   done
   echo "pytest_add_cli_args ="

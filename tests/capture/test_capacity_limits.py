@@ -166,3 +166,32 @@ def test_each_dialect_gets_its_own_query_and_others_none() -> None:
 )
 def test_the_endpoint_a_url_names(url: str, expected: Endpoint | None) -> None:
     assert endpoint_of(sa.make_url(url)) == expected
+
+
+@pytest.mark.parametrize(
+    ("failures", "seconds"),
+    [
+        (1, 5.0),
+        (2, 10.0),
+        (3, 20.0),
+        (4, 40.0),
+        (5, 80.0),
+        (6, 160.0),
+        (7, 300.0),
+        (8, 300.0),
+        (10_000, 300.0),
+    ],
+)
+def test_a_failed_read_is_retried_after_a_doubling_delay_with_jitter_below_it(
+    failures: int, seconds: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """5 s, doubling, at most 5 minutes; each drawn from the last quarter below it, so pods that
+    failed together do not retry together."""
+    import random
+
+    from poolwatch._capture.capacity import reader
+
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    assert reader.retry_delay(failures) == seconds
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)
+    assert reader.retry_delay(failures) == seconds * 0.75

@@ -1,0 +1,215 @@
+"""The probe's small decisions, each against the case that would fool it, on a real pool.
+
+tests/test_probe_stalls.py and tests/test_health_verdicts.py play whole stories through a fault
+proxy (a hung probe, a black-holed server); they take seconds per case and cannot place a clock
+exactly on a boundary. Here each rule is asked directly, with the pool's real recorder and the
+instant given:
+
+- when a fresh probe may start beside a hung one (signs of life since it overran, or its age);
+- what an overrun probe says (saturated only if it queued in a full pool while others were
+  served), given once, and counted when working it out fails;
+- progress: when "moved within the window", "still for the window" and "not known" hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+import poolwatch
+from poolwatch._log import internal_errors
+from poolwatch._record.recorder import PoolRecorder
+from poolwatch._serve import probe
+from poolwatch._serve.probe import (
+    ProbeResult,
+    _Flight,
+    _may_retry,
+    _PoolProbeState,
+    _Progress,
+    _settle_overrun,
+)
+
+
+@pytest.fixture
+def engine(sync_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(sync_url, pool_size=1, max_overflow=0, pool_timeout=5)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def recorder(engine: sa.Engine, registry: CollectorRegistry) -> Iterator[PoolRecorder]:
+    watch = poolwatch.watch(engine, registry=registry, name="decided")
+    (recorder,) = watch.recorders
+    yield recorder
+    watch.close()
+
+
+def _hung(probes: _PoolProbeState, started: float, recorder: PoolRecorder, *, running: int = 1) -> _Flight:
+    """A probe started at ``started`` that overran; ``running`` probes of the pool run in all."""
+    hung = _Flight(started, started + 1.0, recorder.checkouts)
+    hung.signs = (recorder.checkins, recorder.connects)
+    probes.running = {hung, *(_Flight(started, started + 1.0, 0) for _ in range(running - 1))}
+    probes.flight = hung
+    return hung
+
+
+def _use(engine: sa.Engine, times: int) -> None:
+    for _ in range(times):
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+
+
+# -- a fresh probe beside a hung one --------------------------------------------------------------
+
+
+def test_no_retry_without_signs_of_life_before_the_hung_probe_is_30_s_old(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    # Earlier traffic: many checkins over one connection, so checkins and connects differ (a
+    # comparison of one against the other would see "life" here).
+    _use(engine, 5)
+    assert (recorder.checkins, recorder.connects) == (5, 1)
+    probes = _PoolProbeState()
+    hung = _hung(probes, 1000.0, recorder)
+    assert _may_retry(recorder, probes, hung, now=1000.0 + 29.999) is False
+    # At 30 s exactly, and after, a retry by age alone.
+    assert _may_retry(recorder, probes, hung, now=1000.0 + 30.0) is True
+    assert _may_retry(recorder, probes, hung, now=1000.0 + 3600.0) is True
+
+
+def test_a_connection_returned_since_the_overrun_allows_a_retry_at_once(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    _use(engine, 1)
+    probes = _PoolProbeState()
+    hung = _hung(probes, 1000.0, recorder)
+    _use(engine, 1)  # the application's request got through: a checkin, no new connection
+    assert hung.signs is not None
+    assert recorder.checkins == hung.signs[0] + 1 and recorder.connects == hung.signs[1]
+    assert _may_retry(recorder, probes, hung, now=1000.0 + 1.0) is True
+
+
+def test_a_connection_opened_since_the_overrun_allows_a_retry_at_once(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    probes = _PoolProbeState()
+    hung = _hung(probes, 1000.0, recorder)
+    with engine.connect():  # a new connection opened, still held: no checkin yet
+        assert hung.signs is not None
+        assert recorder.checkins == hung.signs[0] and recorder.connects == hung.signs[1] + 1
+        assert _may_retry(recorder, probes, hung, now=1000.0 + 1.0) is True
+
+
+def test_never_more_than_three_probes_and_age_alone_leaves_the_third_for_life(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    probes = _PoolProbeState()
+    hung = _hung(probes, 1000.0, recorder, running=2)
+    # Two running: age alone may not take the last place ...
+    assert _may_retry(recorder, probes, hung, now=1000.0 + 3600.0) is False
+    _use(engine, 1)
+    # ... signs of life may.
+    assert _may_retry(recorder, probes, hung, now=1000.0 + 1.0) is True
+    # Three running: nothing more, whatever the signs or the age.
+    _hung(probes, 1000.0, recorder, running=3)
+    hung3 = probes.flight
+    assert hung3 is not None
+    hung3.signs = (recorder.checkins - 1, recorder.connects - 1)
+    assert _may_retry(recorder, probes, hung3, now=1000.0 + 3600.0) is False
+
+
+# -- the verdict of a probe that missed its deadline ------------------------------------------
+
+
+def test_an_overrun_probe_queued_in_a_full_pool_while_others_were_served_says_saturated(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    _use(engine, 1)
+    probes = _PoolProbeState()
+    flight = _Flight(1000.0, 1001.0, recorder.checkouts)
+    probes.flight = flight
+    probes.running = {flight}
+    flight.in_checkout = True
+    with engine.connect():  # someone else got a connection meanwhile, and the pool is full
+        result = _settle_overrun(recorder, probes, flight)
+        assert result == ProbeResult("saturated", None, None, 1001.0)
+        assert flight.signs == (recorder.checkins, recorder.connects)
+    assert probes.result == result
+    # Given once: later callers get the same answer, whatever the pool does now.
+    assert _settle_overrun(recorder, probes, flight) is result
+
+
+@pytest.mark.parametrize("case", ["not queued", "nobody served", "pool not full"])
+def test_an_overrun_probe_otherwise_says_it_timed_out_as_of_its_deadline(
+    engine: sa.Engine, recorder: PoolRecorder, case: str
+) -> None:
+    probes = _PoolProbeState()
+    flight = _Flight(1000.0, 1001.0, recorder.checkouts)
+    probes.flight = flight
+    flight.in_checkout = case != "not queued"
+    if case == "pool not full":
+        _use(engine, 1)  # served, and returned: the pool has a free slot again
+        result = _settle_overrun(recorder, probes, flight)
+    elif case == "nobody served":
+        connection = engine.connect()
+        flight.checkouts_at_start = recorder.checkouts  # the holder was served before the probe
+        try:
+            result = _settle_overrun(recorder, probes, flight)
+        finally:
+            connection.close()
+    else:
+        with engine.connect():
+            result = _settle_overrun(recorder, probes, flight)
+    assert result == ProbeResult("down", None, "timeout", 1001.0)
+    assert probes.result == result
+
+
+def test_a_probe_replaced_by_another_no_longer_speaks_for_the_pool(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    probes = _PoolProbeState()
+    old = _Flight(1000.0, 1001.0, recorder.checkouts)
+    probes.flight = _Flight(1040.0, 1041.0, recorder.checkouts)
+    result = _settle_overrun(recorder, probes, old)
+    assert result.status == "down" and old.done.result() is result
+    assert probes.result is None
+
+
+def test_a_failure_working_out_the_verdict_is_counted_and_answers_timeout(
+    recorder: PoolRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(recorder: PoolRecorder, flight: _Flight) -> ProbeResult:
+        raise RuntimeError("poolwatch's own bug")
+
+    monkeypatch.setattr(probe, "_overrun_verdict", broken)
+    probes = _PoolProbeState()
+    flight = _Flight(1000.0, 1001.0, recorder.checkouts)
+    probes.flight = flight
+    errors_before = internal_errors.count
+    assert _settle_overrun(recorder, probes, flight) == ProbeResult("down", None, "timeout", 1001.0)
+    assert internal_errors.count == errors_before + 1
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def test_progress_is_unknown_until_a_window_has_passed_then_still_or_moving() -> None:
+    # (check_pool observes the counters before any verdict is asked.)
+    progress = _Progress()
+    progress.observe((1, 0.0, 0.0, 0, 1), 100.0)
+    # One reading tells nothing yet: no change seen, and not the same for a window either.
+    assert progress.verdict(100.0, 10.0) is None
+    progress.observe((1, 0.0, 0.0, 0, 1), 105.0)
+    assert progress.verdict(109.999, 10.0) is None
+    assert progress.verdict(110.0, 10.0) is False  # the same since 100.0: still for the window
+    progress.observe((2, 0.5, 0.0, 0, 1), 120.0)  # moved, somewhere after the read at 105
+    assert progress.verdict(115.0, 10.0) is True  # within the window of 105, at its boundary
+    assert progress.verdict(115.001, 10.0) is None
+    assert progress.verdict(129.999, 10.0) is None
+    assert progress.verdict(130.0, 10.0) is False  # the same since 120.0
+    progress.observe((2, 0.5, 0.0, 0, 1), 131.0)
+    assert progress.verdict(131.0, 10.0) is False
