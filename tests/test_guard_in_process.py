@@ -305,6 +305,23 @@ def test_budgets_pass_at_their_limit_and_fail_one_past_it(engine: Engine) -> Non
         )
 
 
+def test_a_budget_puts_back_the_engine_flag_it_found(engine: Engine) -> None:
+    def listener(*args: Any) -> None:
+        pass
+
+    # SQLAlchemy leaves Engine._has_events set once a class-level listener was added and removed.
+    sa.event.listen(Engine, "before_cursor_execute", listener)
+    sa.event.remove(Engine, "before_cursor_execute", listener)
+    try:
+        assert Engine.__dict__["_has_events"] is True
+        with poolwatch.assert_max_queries(1) as log, engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        assert log.count == 1
+        assert Engine.__dict__["_has_events"] is True
+    finally:
+        Engine._has_events = False
+
+
 # --- Connections held by asyncio tasks --------------------------------------------------------
 
 
