@@ -76,10 +76,14 @@ def static_engine(poolclass: type[Any] = StaticPool, **kwargs: Any) -> Engine:
     )
 
 
-def checkins_of(engine: Engine) -> list[int]:
-    """Counts the pool's ``checkin`` events: a connection really given back to SQLAlchemy."""
-    seen: list[int] = []
-    sa.event.listen(engine, "checkin", lambda *_: seen.append(1))
+def checkins_of(engine: Engine) -> list[object]:
+    """The pool's ``checkin`` and ``reset`` events: a connection really given back to SQLAlchemy,
+    reset as SQLAlchemy resets it (not rolled back twice when its transaction was already)."""
+    seen: list[object] = []
+    sa.event.listen(engine, "checkin", lambda *_: seen.append("checkin"))
+    sa.event.listen(
+        engine, "reset", lambda _c, _r, state: seen.append(("reset", state.transaction_was_reset))
+    )
     return seen
 
 
@@ -322,6 +326,23 @@ def test_a_budget_puts_back_the_engine_flag_it_found(engine: Engine) -> None:
         Engine._has_events = False
 
 
+def test_a_class_listener_added_during_a_budget_still_fires_after_it(engine: Engine) -> None:
+    seen: list[str] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    try:
+        with poolwatch.assert_max_queries(0):
+            sa.event.listen(Engine, "before_cursor_execute", listener)
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        assert seen == ["SELECT 1"]
+    finally:
+        sa.event.remove(Engine, "before_cursor_execute", listener)
+        Engine._has_events = False
+
+
 # --- Connections held by asyncio tasks --------------------------------------------------------
 
 
@@ -407,7 +428,7 @@ def shared_record_steps(poolclass: type[Any], steps: Any, guarded: bool) -> list
     seen: list[object] = []
 
     def look() -> None:
-        seen.append(("checkins", len(checkins)))
+        seen.append(("checkins", list(checkins)))
         if guard is not None:
             seen.append([(leak.site, leak.pool, leak.reclaimed) for leak in guard.leaks()])
 
@@ -487,6 +508,65 @@ def test_shared_record_checkouts_returned_in_either_order_pass(
     assert seen == [plain[0], [(still_out, "sqlite:memory", False)], plain[1], [], plain[2], []]
 
 
+@pytest.mark.parametrize("poolclass", [StaticPool, SingletonThreadPool])
+def test_a_shared_record_leak_in_a_request_names_its_route(poolclass: type[Any]) -> None:
+    # FastAPI's testing docs: SQLite in memory on a StaticPool, shared with the app's threads.
+    engine = static_engine(poolclass, pool_logging_name="lite")
+    app = FastAPI()
+    kept: list[Any] = []
+    lines: dict[str, int] = {}
+
+    @app.post("/items/{item_id}")
+    def item(item_id: int) -> int:
+        kept.append(engine.connect()); lines["site"] = _line()  # noqa: E702  # fmt: skip
+        return item_id
+
+    watch = poolwatch.instrument(app, engine, registry=CollectorRegistry())
+    guard = PoolGuard().start()
+    try:
+        assert TestClient(app).post("/items/4").json() == 4
+        prefix = "test_a_shared_record_leak_in_a_request_names_its_route.<locals>"
+        assert raised_message(guard).splitlines() == [
+            "1 connection still checked out at the end of the test:",
+            f"  - taken at {HERE}:{lines['site']} in {prefix}.item, route POST /items/{{item_id}} (pool lite)",
+        ]
+    finally:
+        guard.stop()
+        for connection in kept:
+            connection.close()
+        watch.close()
+        engine.dispose()
+
+
+async def test_a_shared_record_checkout_held_by_a_task_is_named() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool, pool_logging_name="alite")
+    guard = PoolGuard().start()
+    holding = asyncio.Event()
+    lines: dict[str, int] = {}
+
+    async def hold() -> None:
+        async with engine.connect() as connection:
+            lines["hold"] = _line() - 1
+            await connection.execute(sa.text("SELECT 1"))
+            holding.set()
+            await asyncio.sleep(60)
+
+    try:
+        task = asyncio.create_task(hold(), name="lite-holder")
+        await holding.wait()
+        guard.test_returned()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        prefix = "test_a_shared_record_checkout_held_by_a_task_is_named.<locals>"
+        assert raised_message(guard).splitlines() == [
+            f"1 connection {TASK_SECTION}",
+            f"  - taken at {HERE}:{lines['hold']} in {prefix}.hold, by task 'lite-holder' (pool alite)",
+        ]
+    finally:
+        guard.stop()
+        await engine.dispose()
+
+
 def test_two_guards_at_once_both_see_a_shared_record_checkout_returned() -> None:
     engine = static_engine()
     checkins = checkins_of(engine)
@@ -497,10 +577,11 @@ def test_two_guards_at_once_both_see_a_shared_record_checkout_returned() -> None
         assert len(outer.leaks()) == len(inner.leaks()) == 1
         connection.close()
         assert outer.leaks() == inner.leaks() == []
-        assert checkins == [1]
+        assert checkins == [("reset", False), "checkin"]
         with engine.connect() as again:  # the proxy's own checkin again, not a guard's leftover
             again.execute(sa.text("SELECT 1"))
-        assert checkins == [1, 1]
+        # Its transaction ended with the block: the pool is told so, and does not roll back again.
+        assert checkins == [("reset", False), "checkin", ("reset", True), "checkin"]
         outer.check()
         inner.check()
     finally:
