@@ -13,6 +13,7 @@ instant given:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -213,3 +214,31 @@ def test_progress_is_unknown_until_a_window_has_passed_then_still_or_moving() ->
     assert progress.verdict(130.0, 10.0) is False  # the same since 120.0
     progress.observe((2, 0.5, 0.0, 0, 1), 131.0)
     assert progress.verdict(131.0, 10.0) is False
+
+
+# -- watching a full pool that nobody queues for ------------------------------------------------
+
+
+async def test_progress_in_the_last_moment_before_the_deadline_is_seen(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    """A connection returned 0.2 s before the check's deadline, with under a second left when the
+    watch starts: the pool moves, so the check must see it (ok, not saturated)."""
+    probes = _PoolProbeState()
+    connection = engine.connect()
+    loop = asyncio.get_running_loop()
+    deadline_at = probe.monotonic() + 0.6
+    loop.call_later(0.4, connection.close)
+    assert await probe._watch_progress(recorder, probes, deadline_at) is True
+    assert probes.progress.signature == probe.progress_signature(recorder)
+
+
+async def test_a_pool_that_does_not_move_is_watched_until_the_deadline(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    probes = _PoolProbeState()
+    with engine.connect():
+        deadline_at = probe.monotonic() + 0.3
+        assert await probe._watch_progress(recorder, probes, deadline_at) is False
+        assert probe.monotonic() >= deadline_at
+        assert probes.progress.signature == probe.progress_signature(recorder)

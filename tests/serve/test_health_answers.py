@@ -1,0 +1,72 @@
+"""/health/live and /health/db over ASGI in process, compared whole: the body, the headers, HEAD
+without a body, and the refusal of other methods.
+
+tests/test_health.py serves them through uvicorn, which drops a HEAD answer's body itself; here
+the application's own answer is read, as a server that does not (or the sidecar's WSGI server)
+passes it on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+import poolwatch
+
+
+@pytest.fixture
+def engine(sync_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(sync_url, pool_size=2)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def app(engine: sa.Engine, registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI()
+    poolwatch.instrument(app, engine, registry=registry, name="main")
+    return app
+
+
+async def _ask(app: FastAPI, method: str, path: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        return await client.request(method, path)
+
+
+@pytest.mark.parametrize("path", ["/health/live", "/health/db"])
+async def test_get_is_compact_json_that_is_never_cached(app: FastAPI, path: str) -> None:
+    answer = await _ask(app, "GET", path)
+    assert answer.status_code == 200
+    assert answer.content == b'{"status":"ok"}'
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers["content-length"] == "15"
+
+
+@pytest.mark.parametrize("path", ["/health/live", "/health/db"])
+async def test_head_has_the_same_headers_and_no_body(app: FastAPI, path: str) -> None:
+    answer = await _ask(app, "HEAD", path)
+    assert answer.status_code == 200
+    assert answer.content == b""
+    # Content-Length still says what a GET would get.
+    assert answer.headers["content-length"] == "15"
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize("path", ["/health/live", "/health/db"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_other_methods_are_refused_naming_the_allowed_ones(
+    app: FastAPI, path: str, method: str
+) -> None:
+    answer = await _ask(app, method, path)
+    assert answer.status_code == 405
+    assert answer.json() == {"detail": "Method Not Allowed"}
+    assert answer.headers["allow"] == "GET, HEAD"
+    assert answer.headers["cache-control"] == "no-store"
