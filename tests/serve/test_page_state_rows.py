@@ -5,7 +5,9 @@ caches are dropped, and the answer when building fails.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -13,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 import poolwatch
 from poolwatch._log import internal_errors
-from poolwatch._record.events import GcReclaimed, LeakDetected, emit, recent
+from poolwatch._record.events import GcReclaimed, LeakDetected, emit, recent, recent_events
 from poolwatch._serve.page import LivePage
 from poolwatch._serve.state import StateBuilder
 
@@ -81,4 +83,60 @@ def test_a_state_that_cannot_be_built_is_a_500_naming_the_counter(
         answer.body == b'{"detail":"poolwatch could not read its state; see poolwatch_internal_errors_total"}'
     )
     assert internal_errors.count == errors_before + 1
+    watch.close()
+
+
+def _rows(state: dict[str, Any]) -> list[dict[str, Any]]:
+    pool = state["pools"][0]
+    return [dict(zip(pool["connection_fields"], row, strict=True)) for row in pool["connections"]]
+
+
+def test_a_checkout_row_names_a_site_never_seen_before(
+    engine: sa.Engine, registry: CollectorRegistry
+) -> None:
+    """A function compiled for this test only: its code object is new, so the row's site cannot come
+    from any cache of an earlier read."""
+    watch = poolwatch.watch(engine, registry=registry, name="sites")
+    filename = f"fresh/app_{uuid.uuid4().hex}.py"
+    namespace: dict[str, Any] = {}
+    exec(compile("def handler(engine):\n\n    return engine.connect()\n", filename, "exec"), namespace)
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    connection = namespace["handler"](engine)
+    try:
+        for _ in range(2):  # encoded, then read back from the cache
+            (row,) = _rows(json.loads(StateBuilder().build(recorders, None)))
+            assert (row["site"], row["function"]) == (f"{filename}:3", "handler")
+            assert (row["method"], row["route"]) == ("<none>", "<none>")
+    finally:
+        connection.close()
+    watch.close()
+
+
+def test_a_static_pool_row_tells_its_connection_age_and_uses(registry: CollectorRegistry) -> None:
+    """StaticPool shares one record between checkouts, so rows are keyed by the checkout's proxy:
+    the connection's age and use count are read through it."""
+    engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    watch = poolwatch.watch(engine, registry=registry, name="static")
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    for _ in range(3):
+        with engine.connect() as used:
+            used.execute(sa.text("SELECT 1"))
+    with engine.connect() as held:
+        held.execute(sa.text("SELECT 1"))
+        (row,) = _rows(json.loads(StateBuilder().build(recorders, None)))
+    assert row["uses"] == 4
+    assert isinstance(row["connection_age_ms"], int) and row["connection_age_ms"] >= row["age_ms"]
+    watch.close()
+    engine.dispose()
+
+
+def test_an_event_time_is_kept_to_the_millisecond(engine: sa.Engine, registry: CollectorRegistry) -> None:
+    watch = poolwatch.watch(engine, registry=registry, name="clock")
+    event = GcReclaimed("clock", "/t", 1.0, "app.py:9", "lost")
+    recent_events.append((1_765_000_000.123456, event))
+    (row,) = json.loads(
+        StateBuilder().build(list(zip(watch.pool_names, watch.recorders, strict=True)), None)
+    )["events"][:1]
+    assert row["time"] == 1_765_000_000.123
+    assert row["kind"] == "gc_reclaimed" and row["level"] == "error"
     watch.close()
