@@ -682,6 +682,30 @@ def test_started_twice_stopped_once_leaves_no_listener(engine: Engine) -> None:
     finally:
         connection.close()
     guard.stop()  # a second stop is harmless
+    guard.start()  # and a stopped guard starts again, following checkouts again
+    try:
+        connection = engine.connect()
+        assert len(guard.leaks()) == 1
+        connection.close()
+        guard.check()
+    finally:
+        guard.stop()
+
+
+def test_a_guard_narrowed_to_another_engine_hides_no_return_from_the_next(engine: Engine) -> None:
+    other = static_engine()
+    narrowed = PoolGuard().start()
+    guard = PoolGuard().start()
+    try:
+        connection = engine.connect()
+        narrowed.only(other)  # drops the checkout it had followed, before the return is seen
+        connection.close()
+        guard.check()
+        narrowed.check()
+    finally:
+        guard.stop()
+        narrowed.stop()
+        other.dispose()
 
 
 # --- Driver pools (asyncpg, psycopg_pool), watched by poolwatch --------------------------------
