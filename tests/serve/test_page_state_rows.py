@@ -5,6 +5,7 @@ caches are dropped, and the answer when building fails.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 import poolwatch
 from poolwatch._log import internal_errors
+from poolwatch._record.context import RequestContext, current_request
 from poolwatch._record.events import GcReclaimed, LeakDetected, emit, recent, recent_events
 from poolwatch._serve.page import LivePage
 from poolwatch._serve.state import StateBuilder
@@ -139,4 +141,59 @@ def test_an_event_time_is_kept_to_the_millisecond(engine: sa.Engine, registry: C
     )["events"][:1]
     assert row["time"] == 1_765_000_000.123
     assert row["kind"] == "gc_reclaimed" and row["level"] == "error"
+    watch.close()
+
+
+def test_a_checkout_row_tells_the_connections_life_exactly(
+    engine: sa.Engine, registry: CollectorRegistry
+) -> None:
+    """A connection opened 1,000 s ago (its record's stamp moved back), used four times, idle in an
+    open transaction, taken by a request whose response started after it: each column in its unit."""
+    watch = poolwatch.watch(engine, registry=registry, name="life")
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    for _ in range(3):
+        with engine.connect() as used:
+            used.execute(sa.text("SELECT 1"))
+    request = RequestContext({"type": "http", "route": None, "method": "GET"})
+    request.resolved_route = "/stream"
+    token = current_request.set(request)
+    try:
+        connection = engine.connect()
+    finally:
+        current_request.reset(token)
+    try:
+        connection.execute(sa.text("SELECT 1"))  # opens a transaction (autobegin) and leaves it open
+        record = connection.connection._connection_record
+        assert record is not None
+        record.starttime = time.time() - 1000.0
+        request.response_started = True
+        request.response_started_at = time.perf_counter()
+        before = time.perf_counter()
+        time.sleep(0.3)
+        (row,) = _rows(json.loads(StateBuilder().build(recorders, None)))
+        after = time.perf_counter()
+    finally:
+        connection.close()
+    assert row["route"] == "/stream"
+    assert row["uses"] == 4
+    elapsed_ms = (after - before) * 1000
+    assert 1_000_000 <= row["connection_age_ms"] <= 1_000_000 + 1000 + elapsed_ms
+    assert 300 <= row["idle_in_transaction_ms"] <= 300 + 1000 + elapsed_ms
+    assert 300 <= row["after_response_ms"] <= 300 + elapsed_ms + 1
+    watch.close()
+
+
+def test_a_row_without_a_known_connection_life_says_null(
+    engine: sa.Engine, registry: CollectorRegistry
+) -> None:
+    """A record without a usable opening stamp gives no age (null), never a made-up one."""
+    watch = poolwatch.watch(engine, registry=registry, name="unknown")
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    with engine.connect() as connection:
+        record = connection.connection._connection_record
+        assert record is not None
+        record.starttime = 0.0
+        (row,) = _rows(json.loads(StateBuilder().build(recorders, None)))
+    assert row["connection_age_ms"] is None
+    assert row["idle_in_transaction_ms"] == 0 and row["after_response_ms"] is None
     watch.close()
