@@ -174,7 +174,7 @@ def test_a_checkout_row_tells_the_connections_life_exactly(
         after = time.perf_counter()
     finally:
         connection.close()
-    assert row["route"] == "/stream"
+    assert (row["route"], row["method"]) == ("/stream", "GET")
     assert row["uses"] == 4
     elapsed_ms = (after - before) * 1000
     assert 1_000_000 <= row["connection_age_ms"] <= 1_000_000 + 1000 + elapsed_ms
@@ -196,4 +196,27 @@ def test_a_row_without_a_known_connection_life_says_null(
         (row,) = _rows(json.loads(StateBuilder().build(recorders, None)))
     assert row["connection_age_ms"] is None
     assert row["idle_in_transaction_ms"] == 0 and row["after_response_ms"] is None
+    watch.close()
+
+
+def test_a_row_read_before_routing_shows_the_route_once_routing_found_it(
+    engine: sa.Engine, registry: CollectorRegistry
+) -> None:
+    watch = poolwatch.watch(engine, registry=registry, name="routing")
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    request = RequestContext({"type": "http", "method": "POST"})  # no app, no route: unmatched yet
+    token = current_request.set(request)
+    try:
+        connection = engine.connect()
+    finally:
+        current_request.reset(token)
+    builder = StateBuilder()
+    try:
+        (early,) = _rows(json.loads(builder.build(recorders, None)))
+        request.resolved_route = "/orders/{order_id}"
+        (late,) = _rows(json.loads(builder.build(recorders, None)))
+    finally:
+        connection.close()
+    assert (early["route"], early["method"]) == ("<unmatched>", "POST")
+    assert (late["route"], late["method"]) == ("/orders/{order_id}", "POST")
     watch.close()

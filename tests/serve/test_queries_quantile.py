@@ -90,10 +90,18 @@ def _copy(values: list[int]) -> tuple[HistogramCopy, list[int]]:
         ([1] * 18 + [9, 9], 9),
         ([5] * 100 + [70], 5),
         (list(range(1, 101)), 95),
+        ([7], 7),  # one request: its own count, not an interpolation in (4, 8]
+        ([2, 6], 6),
     ],
 )
 def test_count_quantile_is_the_nearest_rank(values: list[int], p95: int) -> None:
     assert count_quantile(0.95, *_copy(values)) == p95
+
+
+def test_the_median_is_the_first_rank_at_or_past_half() -> None:
+    assert count_quantile(0.5, *_copy([1, 5])) == 1
+    assert count_quantile(0.5, *_copy([1, 5, 9])) == 5
+    assert count_quantile(0.0, *_copy([4, 5])) == 4  # the smallest rank is the first
 
 
 def test_past_the_exact_counts_the_buckets_answer() -> None:
