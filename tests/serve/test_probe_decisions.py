@@ -14,11 +14,14 @@ instant given:
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolwatch
 from poolwatch._log import internal_errors
@@ -242,3 +245,37 @@ async def test_a_pool_that_does_not_move_is_watched_until_the_deadline(
         assert await probe._watch_progress(recorder, probes, deadline_at) is False
         assert probe.monotonic() >= deadline_at
         assert probes.progress.signature == probe.progress_signature(recorder)
+
+
+# -- a probe that cannot connect ----------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return int(listener.getsockname()[1])  # closed again: connecting is refused
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_refused_connection_is_down_at_once_naming_the_error_class(
+    sync_url: str, registry: CollectorRegistry, driver: str
+) -> None:
+    url = sa.make_url(sync_url).set(drivername=f"postgresql+{driver}", host="127.0.0.1", port=_closed_port())
+    engine: Any = (
+        create_async_engine(url, pool_size=1, max_overflow=0)
+        if driver == "asyncpg"
+        else sa.create_engine(url, pool_size=1, max_overflow=0)
+    )
+    watch = poolwatch.watch(engine, registry=registry, name="refused")
+    (recorder,) = watch.recorders
+    try:
+        health = await probe.check_pool(recorder, probe.monotonic() + 5.0, 5.0, 0.0)
+    finally:
+        watch.close()
+        if driver == "asyncpg":
+            await engine.dispose()
+        else:
+            engine.dispose()
+    assert (health.status, health.latency) == ("down", None)
+    assert health.error == ("ConnectionRefusedError" if driver == "asyncpg" else "OperationalError")
+    assert health.pending == 0
