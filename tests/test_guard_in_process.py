@@ -665,6 +665,13 @@ async def test_only_takes_an_async_engine_and_refuses_nothing(async_url: str) ->
         with pytest.raises(TypeError) as refused:
             guard.only()
         assert str(refused.value) == "poolwatch_guard.only() needs at least one Engine or AsyncEngine"
+        for wrong in (lambda: guard.only("db"), lambda: poolwatch.assert_max_queries(1, "db")):  # type: ignore[arg-type]
+            with pytest.raises(TypeError) as refused:
+                wrong()
+            assert str(refused.value) == (
+                "poolwatch: an engine to guard must be a SQLAlchemy Engine or AsyncEngine, an asyncpg Pool, "
+                "or a psycopg_pool ConnectionPool or AsyncConnectionPool, got builtins.str"
+            )
     finally:
         await engine.dispose()
 
