@@ -133,6 +133,18 @@ class PoolWatchSettings(BaseSettings):
             return None
         return value
 
+    @field_validator("health_token", "ui_token")
+    @classmethod
+    def _token_is_text(cls, value: SecretStr | None) -> SecretStr | None:
+        # A variable holding bytes that are not UTF-8 reaches Python as lone surrogates: no request
+        # could ever carry that token, and comparing against it would fail on every request.
+        if value is not None:
+            try:
+                value.get_secret_value().encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("the token must be UTF-8 text; it holds bytes that are not") from None
+        return value
+
     @field_validator(
         "leak_threshold_seconds",
         "slow_query_seconds",

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -134,3 +136,107 @@ def test_the_bearer_scheme_is_read_as_http_says(client: TestClient, authorizatio
 )
 def test_other_authorization_forms_are_refused(client: TestClient, authorization: str) -> None:
     assert client.get("/poolwatch/state", headers={"Authorization": authorization}).status_code == 401
+
+
+# -- tokens that are not text, and stale cookies ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "variable"),
+    [
+        ({"ui": "token", "ui_token": "ab\udcffcd"}, "ui_token (POOLWATCH_UI_TOKEN)"),
+        ({"health_details": "token", "health_token": "ab\udcffcd"}, "health_token (POOLWATCH_HEALTH_TOKEN)"),
+    ],
+)
+def test_a_token_that_is_not_text_is_refused_at_start_naming_the_setting(
+    engine: sa.Engine, settings: dict[str, str], variable: str
+) -> None:
+    """Bytes that are not UTF-8 (a variable set from a binary secret) could never be typed or sent:
+    refused at start, instead of failing every request that compares against them."""
+    with pytest.raises(ValueError) as refused:
+        poolwatch.instrument(FastAPI(), engine, registry=CollectorRegistry(), **settings)  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        f"poolwatch: invalid setting {variable}: Value error, the token must be UTF-8 text; it holds bytes "
+        "that are not"
+    )
+    assert "ab" not in str(refused.value)
+
+
+def test_a_token_variable_holding_bytes_that_are_not_text_is_refused(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(os.environb, b"POOLWATCH_UI", b"token")
+    monkeypatch.setitem(os.environb, b"POOLWATCH_UI_TOKEN", b"ab\xffcd")
+    with pytest.raises(ValueError, match=r"invalid setting ui_token \(POOLWATCH_UI_TOKEN\): .*UTF-8 text"):
+        poolwatch.instrument(FastAPI(), engine, registry=CollectorRegistry())
+
+
+@pytest.mark.parametrize("path", ["/poolwatch", "/poolwatch/state"])
+def test_a_given_token_that_is_not_text_is_refused_not_an_error(client: TestClient, path: str) -> None:
+    assert client.get(f"{path}?token=%FF%FE").status_code == 401
+    client.cookies.set("poolwatch_token", "%FF%FE")
+    assert client.get(path).status_code == 401
+
+
+def test_a_stale_cookie_does_not_lock_out_a_right_token_in_another_form(client: TestClient) -> None:
+    """A cookie left from an earlier token is sent with every request: the right token in the
+    address or the header still opens the page, whichever form comes first or last."""
+    client.cookies.set("poolwatch_token", "an-old-token")
+    assert client.get("/poolwatch/state", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert client.get("/poolwatch/state", params={"token": TOKEN}).status_code == 200
+    client.cookies.clear()
+    client.cookies.set("poolwatch_token", TOKEN.replace("+", "%2B").replace("/", "%2F"))
+    assert client.get("/poolwatch/state", headers={"Authorization": "Bearer wrong"}).status_code == 200
+    assert client.get("/poolwatch/state", params={"token": "wrong"}).status_code == 200
+
+
+# -- Secure behind a proxy -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "secure"),
+    [
+        ("for=192.0.2.60;proto=https", True),
+        ('for="[2001:db8::1]";proto="HTTPS"', True),
+        # Two hops: the first (the client's side) decides.
+        ("for=192.0.2.60;proto=https, for=198.51.100.17;proto=http", True),
+        ("for=192.0.2.60;proto=http, for=198.51.100.17;proto=https", False),
+        ("for=192.0.2.60;proto=http;by=203.0.113.43", False),
+        ("for=https;by=https", False),  # https as some other parameter's value is not the protocol
+    ],
+)
+def test_the_forwarded_header_decides_secure_by_its_first_protocol(
+    client: TestClient, forwarded: str, secure: bool
+) -> None:
+    opened = client.get(f"/poolwatch?token={TOKEN}", headers={"Forwarded": forwarded})
+    assert opened.status_code == 200
+    assert opened.headers["set-cookie"].endswith("; Secure") is secure
+
+
+# -- HEAD, as the application answers it -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/poolwatch", "/poolwatch/state"])
+async def test_head_has_the_headers_and_no_body(
+    engine: sa.Engine, registry: CollectorRegistry, path: str
+) -> None:
+    app = FastAPI()
+    poolwatch.instrument(app, engine, registry=registry, name="main", ui="always")
+    sent: list[MutableMapping[str, Any]] = []
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "HEAD",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"app")], "client": ("127.0.0.1", 1), "server": ("app", 80),
+    }  # fmt: skip
+
+    async def receive() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 200
+    headers = dict(sent[0]["headers"])
+    assert int(headers[b"content-length"]) > 0
+    assert b"".join(bytes(m.get("body", b"")) for m in sent[1:]) == b""
