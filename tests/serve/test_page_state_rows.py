@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 import poolwatch
@@ -220,3 +222,22 @@ def test_a_row_read_before_routing_shows_the_route_once_routing_found_it(
     assert (early["route"], early["method"]) == ("<unmatched>", "POST")
     assert (late["route"], late["method"]) == ("/orders/{order_id}", "POST")
     watch.close()
+
+
+def test_a_state_that_cannot_be_built_is_served_as_a_500(
+    engine: sa.Engine, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(self: StateBuilder, *args: object) -> str:
+        raise RuntimeError("the builder broke")
+
+    monkeypatch.setattr(StateBuilder, "build", fail)
+    app = FastAPI()
+    poolwatch.instrument(app, engine, registry=registry, name="served", ui="always")
+    with TestClient(app) as client:
+        answer = client.get("/poolwatch/state")
+    assert answer.status_code == 500
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.json() == {
+        "detail": "poolwatch could not read its state; see poolwatch_internal_errors_total"
+    }
