@@ -279,3 +279,43 @@ async def test_a_refused_connection_is_down_at_once_naming_the_error_class(
     assert (health.status, health.latency) == ("down", None)
     assert health.error == ("ConnectionRefusedError" if driver == "asyncpg" else "OperationalError")
     assert health.pending == 0
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_dead_pooled_connection_is_replaced_by_the_second_attempt_not_called_down(
+    sync_url: str, registry: CollectorRegistry, driver: str
+) -> None:
+    """The pool's one idle connection was killed on the server (a restart, an idle timeout,
+    pg_terminate_backend): the ping on it fails, the probe drops it and pings a fresh one: ok."""
+    url = sa.make_url(sync_url).set(drivername=f"postgresql+{driver}")
+    engine: Any = (
+        create_async_engine(url, pool_size=1, max_overflow=0)
+        if driver == "asyncpg"
+        else sa.create_engine(url, pool_size=1, max_overflow=0)
+    )
+    watch = poolwatch.watch(engine, registry=registry, name="replaced")
+    (recorder,) = watch.recorders
+    admin = sa.create_engine(sync_url)
+    try:
+        if driver == "asyncpg":
+            async with engine.connect() as connection:
+                pid = (await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        else:
+            with engine.connect() as connection:
+                pid = connection.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        with admin.connect() as killer:
+            assert killer.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+        connects = recorder.connects
+        health = await probe.check_pool(recorder, probe.monotonic() + 10.0, 10.0, 0.0)
+        assert (health.status, health.error) == ("ok", None)
+        assert recorder.connects == connects + 1  # the fresh one
+        pool = engine.pool if driver == "psycopg" else engine.sync_engine.pool
+        assert pool.checkedout() == 0  # the dead one was dropped, not kept out
+        assert pool.checkedin() == 1
+    finally:
+        watch.close()
+        admin.dispose()
+        if driver == "asyncpg":
+            await engine.dispose()
+        else:
+            engine.dispose()
