@@ -644,6 +644,12 @@ def test_only_keeps_the_given_engines_leaks_reclaimed_ones_included(engine: Engi
         ]
         guard.only(engine)
         assert [(leak.pool, leak.reclaimed) for leak in guard.leaks()] == [("guarded", True)]
+        late = engine.connect()  # taken after only(): its engine's checkouts are still followed
+        assert [(leak.pool, leak.reclaimed) for leak in guard.leaks()] == [
+            ("guarded", False),
+            ("guarded", True),
+        ]
+        late.close()
         with other.connect():
             pass
         assert len(guard.leaks()) == 1

@@ -9,6 +9,7 @@ that nothing else (no traceback, no second report) comes with them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 # Imported here, not first by the suite run inside: pytester takes back the modules a run imported,
@@ -183,27 +184,40 @@ def reports(result: pytest.RunResult) -> dict[tuple[str, str], Any]:
     return found
 
 
+Reports = dict[tuple[str, str], Any]
+
+
 @pytest.fixture
-def ran(
+def run_suite(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, postgres_url: str
-) -> dict[tuple[str, str], Any]:
-    """The suite above, run by pytest in this process: each test's reports by name and phase.
+) -> Callable[[], Reports]:
+    """Runs the suite above, by pytest in this process: each test's reports by name and phase.
 
-    Run again for every test that reads it, so a mutation test finds what each one checks."""
-    monkeypatch.setenv("INPROC_SYNC_URL", postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
-    monkeypatch.setenv("INPROC_ASYNC_URL", postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1))
-    pytester.makeini(INI)
-    pytester.makepyfile(test_inproc_suite=SUITE)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--strict-markers")
-    assert active_listeners() == (0, 0)
-    return reports(result)
+    Run inside each test that reads it (not in this fixture's setup), so that a mutation test
+    finds what each one checks and times it as what it is."""
+
+    def run() -> Reports:
+        monkeypatch.setenv(
+            "INPROC_SYNC_URL", postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+        )
+        monkeypatch.setenv(
+            "INPROC_ASYNC_URL", postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+        )
+        pytester.makeini(INI)
+        pytester.makepyfile(test_inproc_suite=SUITE)
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--strict-markers")
+        assert active_listeners() == (0, 0)
+        return reports(result)
+
+    return run
 
 
-def outcomes(ran: dict[tuple[str, str], Any], name: str) -> list[str]:
+def outcomes(ran: Reports, name: str) -> list[str]:
     return [ran[(name, when)].outcome for when in ("setup", "call", "teardown") if (name, when) in ran]
 
 
-def test_a_leak_is_an_error_at_teardown_reading_only_the_report(ran: dict[tuple[str, str], Any]) -> None:
+def test_a_leak_is_an_error_at_teardown_reading_only_the_report(run_suite: Callable[[], Reports]) -> None:
+    ran = run_suite()
     assert outcomes(ran, "test_leak") == ["passed", "passed", "failed"]
     site = f"test_inproc_suite.py:{line_of(SUITE, 'LEAK-SITE')}"
     assert str(ran[("test_leak", "teardown")].longrepr) == (
@@ -213,7 +227,8 @@ def test_a_leak_is_an_error_at_teardown_reading_only_the_report(ran: dict[tuple[
     assert outcomes(ran, "test_clean") == ["passed", "passed", "passed"]
 
 
-def test_a_test_that_did_not_pass_gets_no_leak_report(ran: dict[tuple[str, str], Any]) -> None:
+def test_a_test_that_did_not_pass_gets_no_leak_report(run_suite: Callable[[], Reports]) -> None:
+    ran = run_suite()
     assert outcomes(ran, "test_fails_on_its_own") == ["passed", "failed", "passed"]
     assert "its own failure" in str(ran[("test_fails_on_its_own", "call")].longrepr)
     assert outcomes(ran, "test_skips_on_its_own") == ["passed", "skipped", "passed"]
@@ -221,23 +236,26 @@ def test_a_test_that_did_not_pass_gets_no_leak_report(ran: dict[tuple[str, str],
     assert hasattr(ran[("test_expected_to_fail", "call")], "wasxfail")
 
 
-def test_only_narrows_the_fixture_and_its_budget(ran: dict[tuple[str, str], Any]) -> None:
+def test_only_narrows_the_fixture_and_its_budget(run_suite: Callable[[], Reports]) -> None:
+    ran = run_suite()
     assert outcomes(ran, "test_only_another_engine_leaks") == ["passed", "passed", "passed"]
     assert outcomes(ran, "test_only_the_guarded_engine_counts") == ["passed", "passed", "passed"]
 
 
 def test_a_fixtures_teardown_error_is_reported_and_the_guard_still_stops(
-    ran: dict[tuple[str, str], Any],
+    run_suite: Callable[[], Reports],
 ) -> None:
+    ran = run_suite()
     teardown = ran[("test_a_fixture_teardown_fails", "teardown")]
     assert teardown.outcome == "failed"
     assert "RuntimeError: the fixture's own teardown error" in str(teardown.longrepr)
-    # The ran fixture checked that no guard or budget is left listening.
+    # run_suite checked that no guard or budget is left listening.
 
 
 def test_a_budget_fails_the_call_with_its_statements_and_nothing_else(
-    ran: dict[tuple[str, str], Any],
+    run_suite: Callable[[], Reports],
 ) -> None:
+    ran = run_suite()
     assert outcomes(ran, "test_over_budget") == ["passed", "failed", "passed"]
     assert str(ran[("test_over_budget", "call")].longrepr) == (
         "@pytest.mark.max_queries(1): expected at most 1 statement, 2 ran:\n  2 × SELECT ?"
@@ -247,7 +265,8 @@ def test_a_budget_fails_the_call_with_its_statements_and_nothing_else(
     assert "ValueError: its own error" in own and "max_queries" not in own.split("ValueError")[-1]
 
 
-def test_a_wrong_marker_is_refused(ran: dict[tuple[str, str], Any]) -> None:
+def test_a_wrong_marker_is_refused(run_suite: Callable[[], Reports]) -> None:
+    ran = run_suite()
     for name in ("test_two_numbers", "test_wrong_keyword"):
         assert outcomes(ran, name) == ["passed", "failed", "passed"]
         assert str(ran[(name, "call")].longrepr.reprcrash.message) == (
@@ -258,7 +277,8 @@ def test_a_wrong_marker_is_refused(ran: dict[tuple[str, str], Any]) -> None:
     )
 
 
-def test_a_connection_held_by_a_task_past_the_test_is_a_leak(ran: dict[tuple[str, str], Any]) -> None:
+def test_a_connection_held_by_a_task_past_the_test_is_a_leak(run_suite: Callable[[], Reports]) -> None:
+    ran = run_suite()
     site = f"test_inproc_suite.py:{line_of(SUITE, 'TASK-SITE')}"
     assert outcomes(ran, "test_task_outlives_the_test") == ["passed", "passed", "failed"]
     assert str(ran[("test_task_outlives_the_test", "teardown")].longrepr) == (
@@ -279,8 +299,9 @@ def test_the_marker_is_registered_and_described(pytester: pytest.Pytester) -> No
 
 
 def test_a_guard_or_budget_failure_points_at_the_test_not_at_poolwatch(
-    ran: dict[tuple[str, str], Any],
+    run_suite: Callable[[], Reports],
 ) -> None:
+    ran = run_suite()
     # poolwatch's own frames are hidden (``__tracebackhide__``): the user's line is the last shown.
     check = str(ran[("test_check_fails_at_the_users_line", "call")].longrepr)
     assert "poolwatch_guard.check()  # CHECK-LINE" in check
