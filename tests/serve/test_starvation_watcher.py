@@ -172,7 +172,8 @@ def test_routes_holding_counts_each_route_most_first_then_by_name(
     (recorder,) = watch.recorders
     held = [
         _connect_under(engine, route)
-        for route in ("/c", "/b", "/a", "/b", None, "/b", "/c")  # /b 3, /c 2, /a 1, <none> 1
+        # /b 3, /c 2, then the ties by name: /a 1 before <none> 1, taken the other way round
+        for route in ("/c", "/b", None, "/b", "/a", "/b", "/c")
     ]
     try:
         assert list(routes_holding(recorder).items()) == [("/b", 3), ("/c", 2), ("/a", 1), ("<none>", 1)]
