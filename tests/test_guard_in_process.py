@@ -399,6 +399,27 @@ async def test_a_task_holding_a_connection_when_the_test_returns_is_named(async_
         await engine.dispose()
 
 
+async def test_a_checkout_in_a_loop_callback_outside_any_task_is_followed(engine: Engine) -> None:
+    guard = PoolGuard().start()
+    kept: list[Any] = []
+    taken = asyncio.Event()
+
+    def callback() -> None:  # run by the loop itself: a running loop, no current task
+        kept.append(engine.connect())
+        taken.set()
+
+    try:
+        asyncio.get_running_loop().call_soon(callback)
+        await taken.wait()
+        assert [(leak.function, leak.task, leak.still_out) for leak in guard.leaks()] == [
+            ("test_a_checkout_in_a_loop_callback_outside_any_task_is_followed.<locals>.callback", None, True)
+        ]
+        kept[0].close()
+        guard.check()
+    finally:
+        guard.stop()
+
+
 async def test_tasks_that_returned_their_connection_in_time_pass(async_url: str) -> None:
     engine = create_async_engine(async_url, poolclass=NullPool)
     guard = PoolGuard().start()
