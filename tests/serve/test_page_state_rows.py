@@ -21,7 +21,7 @@ from poolwatch._log import internal_errors
 from poolwatch._record.context import RequestContext, current_request
 from poolwatch._record.events import GcReclaimed, LeakDetected, emit, recent, recent_events
 from poolwatch._serve.page import LivePage
-from poolwatch._serve.state import StateBuilder
+from poolwatch._serve.state import StateBuilder, quantile
 
 
 @pytest.fixture
@@ -241,3 +241,20 @@ def test_a_state_that_cannot_be_built_is_served_as_a_500(
     assert answer.json() == {
         "detail": "poolwatch could not read its state; see poolwatch_internal_errors_total"
     }
+
+
+def test_quantile_at_its_edges_like_prometheus() -> None:
+    bounds = (0.1, 0.2, 0.4)
+    assert quantile(0.5, bounds, [1, 0, 0, 0]) == pytest.approx(0.05)  # one observation
+    assert quantile(0.0, bounds, [0, 4, 0, 0]) == pytest.approx(0.1)  # empty buckets are skipped
+    assert quantile(0.9, bounds, [2, 3, 5, 0]) == pytest.approx(0.36)  # ranks run across buckets
+    assert quantile(1.0, bounds, [2, 3, 5, 0]) == pytest.approx(0.4)
+
+
+def test_the_state_says_when_it_was_generated(engine: sa.Engine, registry: CollectorRegistry) -> None:
+    watch = poolwatch.watch(engine, registry=registry, name="generated")
+    before = time.time()
+    state = json.loads(StateBuilder().build(list(zip(watch.pool_names, watch.recorders, strict=True)), None))
+    after = time.time()
+    assert round(before, 3) <= state["generated_at"] <= round(after, 3)
+    watch.close()
