@@ -32,7 +32,10 @@ interval with no progress at all.
 - A probe of a pool that is not full and that does not answer by its deadline (a black-holed
   database) is ``saturated`` (error ``timeout``) until the pool has made no progress for the stall
   window, and ``down`` (``stalled``) from then on. A probe that fails outright (refused,
-  authentication, a ping that fails twice) is ``down`` at once.
+  authentication, a ping that fails on a connection opened for the probe) is ``down`` at once. A
+  ping that fails on a pooled connection only condemns that connection: after a database restart
+  every idle connection is dead, and the probe drops each and tries the next, as pre-ping would,
+  rather than call a database that is back ``down``.
 
 A hung sync probe never holds the pool's status after the database is back: once the cache has
 expired, a fresh probe starts beside it when the pool has shown signs of life since the hung one
@@ -96,8 +99,9 @@ monotonic = time.monotonic
 _RECANCEL_EVERY = 0.05
 _RECANCEL_FOR = 5.0
 # A ping that fails on a pooled connection may only mean that connection died (a restarted
-# server, pg_terminate_backend, an idle timeout); like pre-ping, try once more on a fresh one
-# before calling the database down. Both attempts share the one deadline.
+# server, pg_terminate_backend, an idle timeout); like pre-ping, drop it and try the next, until
+# one answers or one opened for the probe fails too. After a restart every idle connection is dead,
+# so as many tries as the pool had idle connections, plus one, within the one deadline.
 _ATTEMPTS = 2
 # How often a check of a full pool that nobody queues for looks for progress until its deadline.
 _WATCH_EVERY = 0.01
@@ -526,15 +530,17 @@ async def _run_async(
     error: str | None = None
     alive = False
     try:
-        for attempt in range(_ATTEMPTS):
+        attempts = _attempts(recorder)
+        for attempt in range(attempts):
             flight.in_checkout = True
+            opened = recorder.connects
             fairy = await source.checkout_async()
             flight.in_checkout = False
             try:
                 alive = await source.ping_async(fairy)
             except Exception:
                 source.discard(fairy)
-                if attempt + 1 == _ATTEMPTS:
+                if _last_try(recorder, opened, attempt, attempts, flight):
                     raise
                 continue
             except BaseException:
@@ -544,6 +550,8 @@ async def _run_async(
                 await source.release_async(fairy)
                 break
             source.discard(fairy)
+            if _last_try(recorder, opened, attempt, attempts, flight):
+                break
     except asyncio.CancelledError:
         error = "timeout"
     except Exception as failure:
@@ -559,15 +567,17 @@ def _run_sync(source: PoolSource, recorder: PoolRecorder, probes: _PoolProbeStat
     error: str | None = None
     alive = False
     try:
-        for attempt in range(_ATTEMPTS):
+        attempts = _attempts(recorder)
+        for attempt in range(attempts):
             flight.in_checkout = True
+            opened = recorder.connects
             fairy: Any = source.checkout_sync()
             flight.in_checkout = False
             try:
                 alive = source.ping_sync(fairy)
             except Exception:
                 source.discard(fairy)
-                if attempt + 1 == _ATTEMPTS:
+                if _last_try(recorder, opened, attempt, attempts, flight):
                     raise
                 continue
             except BaseException:
@@ -577,10 +587,29 @@ def _run_sync(source: PoolSource, recorder: PoolRecorder, probes: _PoolProbeStat
                 source.release_sync(fairy)
                 break
             source.discard(fairy)
+            if _last_try(recorder, opened, attempt, attempts, flight):
+                break
     except Exception as failure:
         error = type(failure).__name__
     finally:
         _finish(recorder, probes, flight, started, alive, error)
+
+
+def _attempts(recorder: PoolRecorder) -> int:
+    """How many connections one probe may try: one more than the pool holds idle, at least two."""
+    try:
+        idle = read_state(recorder).idle or 0
+    except Exception as error:
+        internal_errors.record("probe_attempts", error)
+        idle = 0
+    return max(_ATTEMPTS, idle + 1)
+
+
+def _last_try(recorder: PoolRecorder, opened: int, attempt: int, attempts: int, flight: _Flight) -> bool:
+    """Whether a failed ping ends the probe: it failed on a connection opened for it (the pool's
+    count of connections opened moved during the checkout), the tries are used up, or the deadline
+    has passed (the verdict is given without it then)."""
+    return recorder.connects != opened or attempt + 1 >= attempts or monotonic() >= flight.deadline_at
 
 
 def _finish(

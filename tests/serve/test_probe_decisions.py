@@ -319,3 +319,46 @@ async def test_a_dead_pooled_connection_is_replaced_by_the_second_attempt_not_ca
             await engine.dispose()
         else:
             engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_after_a_restart_every_dead_idle_connection_is_dropped_and_the_pool_is_ok(
+    sync_url: str, registry: CollectorRegistry, driver: str
+) -> None:
+    """A restarted server (or a failover) leaves every idle connection dead. The server is back: the
+    first check must say ok, not down until the probe has used up the dead ones two at a time."""
+    url = sa.make_url(sync_url).set(drivername=f"postgresql+{driver}")
+    engine: Any = (
+        create_async_engine(url, pool_size=5, max_overflow=0)
+        if driver == "asyncpg"
+        else sa.create_engine(url, pool_size=5, max_overflow=0)
+    )
+    watch = poolwatch.watch(engine, registry=registry, name="restarted")
+    (recorder,) = watch.recorders
+    admin = sa.create_engine(sync_url)
+    pool = engine.pool if driver == "psycopg" else engine.sync_engine.pool
+    try:
+        if driver == "asyncpg":
+            connections = [await engine.connect() for _ in range(5)]
+            pids = [(await c.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one() for c in connections]
+            for connection in connections:
+                await connection.close()
+        else:
+            connections = [engine.connect() for _ in range(5)]
+            pids = [c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() for c in connections]
+            for connection in connections:
+                connection.close()
+        assert pool.checkedin() == 5
+        with admin.connect() as killer:
+            for pid in pids:
+                killer.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        health = await probe.check_pool(recorder, probe.monotonic() + 10.0, 10.0, 0.0)
+        assert (health.status, health.error) == ("ok", None)
+        assert pool.checkedout() == 0
+    finally:
+        watch.close()
+        admin.dispose()
+        if driver == "asyncpg":
+            await engine.dispose()
+        else:
+            engine.dispose()
