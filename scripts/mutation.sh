@@ -63,12 +63,16 @@ for group in "${groups[@]}"; do
         "*.x_bump__mutmut_*" "*.x_ticker_value__mutmut_*"
         "*.x?Histogram?*" "*.x?HistogramCopy?*"
       )
-      # Fast tests that drive those functions through real pools on real PostgreSQL.
+      # Fast tests that drive those functions through real pools on real PostgreSQL. Not
+      # tests/test_gc_reentry.py: its collections forced at every allocation re-enter mutmut's
+      # own bookkeeping (a set it adds to on every call) and crash the interpreter (a segfault in
+      # mutmut 3.8.1's trampoline); tests/record/test_copies.py puts a nested write exactly
+      # between the copies the reading paths take instead.
       tests+=(
         tests/test_histograms.py tests/test_pool_metrics.py tests/test_attribution.py
         tests/test_exposition.py tests/test_otel.py tests/test_logging.py tests/test_install.py
         tests/test_held_idle_and_failures.py tests/test_held_idle_database_time.py
-        tests/test_gc_reentry.py tests/record/test_copies.py
+        tests/record/test_copies.py
       )
       ;;
     serve)
