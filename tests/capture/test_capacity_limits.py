@@ -195,3 +195,28 @@ def test_a_failed_read_is_retried_after_a_doubling_delay_with_jitter_below_it(
     assert reader.retry_delay(failures) == seconds
     monkeypatch.setattr(random, "uniform", lambda low, high: low)
     assert reader.retry_delay(failures) == seconds * 0.75
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("localhost.localdomain", True),
+        ("ip6-localhost", True),
+        ("LocalHost", True),
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::1%lo", True),  # an IPv6 address with its zone
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.7", False),
+        ("fe80::1%eth0", False),
+        ("db.internal", False),
+        ("", False),
+    ],
+)
+def test_which_hosts_name_this_machine(host: str, loopback: bool) -> None:
+    from poolwatch._capture.capacity.limits import _is_loopback_name
+
+    assert _is_loopback_name(host) is loopback
