@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -362,3 +364,35 @@ async def test_after_a_restart_every_dead_idle_connection_is_dropped_and_the_poo
             await engine.dispose()
         else:
             engine.dispose()
+
+
+def test_a_probe_queued_in_its_pool_is_not_counted_among_the_callers_waiting(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    """The pool filled between the check and the probe's own checkout: the probe waits in the queue
+    like a caller, and is marked so (a full pool then says "saturated", not "timeout", and the
+    probe is not reported as one of the application's callers queued). Run directly here, on the
+    probe's own thread, so the queueing is certain rather than a race."""
+    probes = _PoolProbeState()
+    flight = _Flight(probe.monotonic(), probe.monotonic() + 30.0, recorder.checkouts)
+    probes.flight = flight
+    probes.running.add(flight)
+    held = engine.connect()  # the pool of one is full
+    runner = threading.Thread(target=probe._run_sync, args=(recorder.source, recorder, probes, flight))
+    runner.start()
+    try:
+        deadline = probe.monotonic() + 30.0
+        while recorder.pending == 0:
+            assert probe.monotonic() < deadline, "the probe never queued"
+            time.sleep(0.01)
+        assert flight.in_checkout is True
+        assert probe._probe_in_checkout(probes) is True
+        assert probe._others_pending(recorder, probes) == 0  # only the probe waits
+    finally:
+        held.close()
+    runner.join(30.0)
+    assert not runner.is_alive()
+    assert flight.in_checkout is False
+    result = flight.done.result(timeout=0)
+    assert (result.status, result.error) == ("ok", None)
+    assert probes.running == set() and probes.flight is None
