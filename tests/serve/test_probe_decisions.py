@@ -396,3 +396,45 @@ def test_a_probe_queued_in_its_pool_is_not_counted_among_the_callers_waiting(
     result = flight.done.result(timeout=0)
     assert (result.status, result.error) == ("ok", None)
     assert probes.running == set() and probes.flight is None
+
+
+# -- a full pool nobody queues for ----------------------------------------------------------------
+
+
+async def test_a_full_pool_whose_last_slot_is_our_overdue_probe_is_judged_late(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    """The connection that fills the pool is the probe's own, hung past its deadline: not "ok"
+    because the pool moved a moment ago, but late (timeout, then judged against the stall window)."""
+    probes = _PoolProbeState()
+    overdue = _Flight(probe.monotonic() - 5.0, probe.monotonic() - 1.0, recorder.checkouts)
+    probes.flight = overdue
+    with engine.connect():  # stands for the probe's own checkout
+        probes.progress.observe(probe.progress_signature(recorder), probe.monotonic())
+        result = await probe._full_pool_result(recorder, probes, probe.monotonic() + 0.2, 10.0, 10.0)
+    assert result == ProbeResult("down", None, "timeout", overdue.deadline_at)
+    # Once it has its verdict, it no longer speaks for the pool.
+    overdue.done.set_result(result)
+    with engine.connect():
+        probes.progress.observe(probe.progress_signature(recorder), probe.monotonic())
+        later = await probe._full_pool_result(recorder, probes, probe.monotonic() + 0.2, 10.0, 10.0)
+    assert later.status in ("ok", "saturated") and later.error != "timeout"
+
+
+async def test_a_full_pool_nobody_queues_for_reuses_a_fresh_answer_only(
+    engine: sa.Engine, recorder: PoolRecorder
+) -> None:
+    probes = _PoolProbeState()
+    fresh = ProbeResult("ok", 0.001, None, probe.monotonic())
+    probes.result = fresh
+    with engine.connect():
+        assert await probe._full_pool_result(recorder, probes, probe.monotonic() + 0.2, 10.0, 10.0) is fresh
+        stale = ProbeResult("ok", 0.001, None, probe.monotonic() - 11.0)
+        probes.result = stale
+        probes.progress.observe(probe.progress_signature(recorder), probe.monotonic() - 20.0)
+        probes.progress.observe(probe.progress_signature(recorder), probe.monotonic() - 10.5)
+        answer = await probe._full_pool_result(recorder, probes, probe.monotonic() + 0.2, 10.0, 10.0)
+    # Nothing moved for the cache period and nothing moves before the deadline: every connection
+    # out and still.
+    assert (answer.status, answer.error) == ("saturated", "no_progress")
+    assert probes.progress.seen_at >= probe.monotonic() - 1.0
