@@ -21,7 +21,7 @@ from poolwatch._log import internal_errors
 from poolwatch._record.context import RequestContext, current_request
 from poolwatch._record.events import GcReclaimed, LeakDetected, emit, recent, recent_events
 from poolwatch._serve.page import LivePage
-from poolwatch._serve.state import StateBuilder, quantile
+from poolwatch._serve.state import MAX_EVENTS, StateBuilder, quantile
 
 
 @pytest.fixture
@@ -258,3 +258,48 @@ def test_the_state_says_when_it_was_generated(engine: sa.Engine, registry: Colle
     after = time.time()
     assert round(before, 3) <= state["generated_at"] <= round(after, 3)
     watch.close()
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.0])
+def test_held_past_the_leak_threshold_is_flagged_and_counted_and_a_threshold_of_0_flags_none(
+    sync_url: str, registry: CollectorRegistry, threshold: float
+) -> None:
+    engine = sa.create_engine(sync_url, pool_size=3, max_overflow=0)
+    watch = poolwatch.watch(engine, registry=registry, name="leaky", leak_threshold_seconds=threshold)
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    old = [engine.connect() for _ in range(2)]
+    time.sleep(0.4)
+    young = engine.connect()
+    try:
+        state = json.loads(StateBuilder().build(recorders, None))
+    finally:
+        for connection in (*old, young):
+            connection.close()
+        watch.close()
+        engine.dispose()
+    (pool,) = state["pools"]
+    rows = _rows(state)
+    assert [row["leaked"] for row in rows] == ([True, True, False] if threshold else [False] * 3)
+    assert pool["now"]["leaked"] == (2 if threshold else 0)
+    ages = [row["age_ms"] for row in rows]
+    assert ages == sorted(ages, reverse=True) and ages[1] >= 400 > ages[2]  # oldest first
+    assert pool["connections_out"] == 3
+    assert pool["now"]["oldest_checkout_seconds"] * 1000 >= ages[0] - 1
+
+
+def test_two_pools_and_a_bounded_list_of_events(sync_url: str, registry: CollectorRegistry) -> None:
+    first, second = sa.create_engine(sync_url), sa.create_engine(sync_url)
+    watch = poolwatch.watch({"first": first, "second": second}, registry=registry)
+    recorders = list(zip(watch.pool_names, watch.recorders, strict=True))
+    for n in range(MAX_EVENTS + 5):
+        emit(GcReclaimed("second", f"/e/{n}", 1.0, "app.py:1", "lost"))
+    try:
+        state = json.loads(StateBuilder().build(recorders, None))
+    finally:
+        watch.close()
+        first.dispose()
+        second.dispose()
+    assert [pool["name"] for pool in state["pools"]] == ["first", "second"]
+    assert len(state["events"]) == MAX_EVENTS
+    assert state["events"][0]["route"] == f"/e/{MAX_EVENTS + 4}"  # newest first
+    assert state["window_seconds"] == 300.0
