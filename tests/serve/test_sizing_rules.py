@@ -179,3 +179,27 @@ def test_a_window_of_no_length_reads_zero_not_a_division_error() -> None:
     assert empty.mean_in_use == 0.0 and empty.checkout_rate == 0.0
     assert window(checkouts=0).mean_hold is None
     assert window(checkouts=4, held_seconds=2.0).mean_hold == 0.5
+
+
+def test_growing_suggests_at_least_one_more_than_the_limit() -> None:
+    # A timeout with a low peak in the window: the suggestion still grows the pool.
+    sizing = advise(10, window(timeouts=1, peak_used=4, max_pending=0))
+    assert (sizing.verdict, sizing.suggested_max) == ("too_small", 11)
+
+
+def test_hours_are_rounded_to_a_tenth() -> None:
+    assert (
+        "in the last 2.4 h" in advise(10, window(peak_used=1, kept_peak_used=1, kept_seconds=8460.0)).reason
+    )
+
+
+def test_a_rows_mean_in_use_is_its_held_time_over_its_length() -> None:
+    from poolwatch._record.intervals import Row
+    from poolwatch._serve.history import mean_in_use_text
+
+    def row(seconds: float, held: float) -> Row:
+        return Row(1.0, seconds, 1, 0, 0, 0, 0, 0, 0, held, ())
+
+    assert mean_in_use_text(row(1.0, 0.5)) == "0.50"
+    assert mean_in_use_text(row(0.25, 0.5)) == "2.00"
+    assert mean_in_use_text(row(0.0, 0.0)) == "0"  # an interval that has only just begun
