@@ -284,15 +284,12 @@ _reported_lock = threading.Lock()
 
 
 def setting_variables() -> dict[str, str]:
-    """Every variable a setting is read from, to the setting's name."""
-    variables = {}
-    for name, field in PoolWatchSettings.model_fields.items():
-        variables[ENV_PREFIX + name.upper()] = name
-        if isinstance(field.validation_alias, AliasChoices):
-            for alias in field.validation_alias.choices:
-                if isinstance(alias, str) and alias.upper().startswith(ENV_PREFIX):
-                    variables[alias.upper()] = name
-    return variables
+    """Every ``POOLWATCH_*`` variable a setting is read from, to the setting's name.
+
+    Only ``multiproc_dir`` has aliases, and the one that starts with ``POOLWATCH_`` is its own
+    name's variable; a new alias with that prefix must be added here.
+    """
+    return {ENV_PREFIX + name.upper(): name for name in PoolWatchSettings.model_fields}
 
 
 def warn_about_unknown_variables(environment: Any) -> None:

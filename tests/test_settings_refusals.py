@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from poolwatch._settings import build_settings
+from poolwatch._settings import ENV_PREFIX, PoolWatchSettings, build_settings, setting_variables
 
 TOKEN_REQUIRED = (
     "poolwatch: invalid setting health_token (POOLWATCH_HEALTH_TOKEN): "
@@ -171,3 +171,15 @@ def test_every_unknown_variable_is_reported_once_even_after_one_seen_before(
         build_settings({})
         build_settings({})
     assert [e["variable"] for e in events if e["event"] == "poolwatch.unknown_setting"] == [second]
+
+
+def test_no_variable_a_setting_is_read_from_is_reported_unknown() -> None:
+    """Every ``POOLWATCH_*`` name a setting accepts (its own and any alias) is a known variable:
+    setting one is never answered with ``poolwatch.unknown_setting``."""
+    accepted = {ENV_PREFIX + name.upper() for name in PoolWatchSettings.model_fields}
+    for field in PoolWatchSettings.model_fields.values():
+        for alias in getattr(field.validation_alias, "choices", ()):
+            if isinstance(alias, str) and alias.upper().startswith(ENV_PREFIX):
+                accepted.add(alias.upper())
+    assert set(setting_variables()) == accepted
+    assert setting_variables()["POOLWATCH_MULTIPROC_DIR"] == "multiproc_dir"
