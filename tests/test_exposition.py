@@ -94,6 +94,16 @@ def test_text_output_matches_prometheus_client(busy_registry) -> None:  # type: 
     assert len([k for k in direct if k[0] == "poolwatch_use_seconds_bucket"]) == (6 + 1) * 2 * 19
 
 
+def test_without_the_direct_writer_the_registry_is_written_whole(busy_registry) -> None:  # type: ignore[no-untyped-def]
+    """With no direct collector (a multi-worker service's merged view), the general encoder
+    writes the registry as it is: the same samples, the application's own included."""
+    registry, _watch = busy_registry
+    general = samples_of(text_string_to_metric_families(generate_latest(registry).decode()))
+    body = render(registry, None, None, None).body.decode()
+    assert samples_of(text_string_to_metric_families(body)) == general
+    assert ("app_orders_total", frozenset()) in general
+
+
 def test_openmetrics_output_matches_prometheus_client(busy_registry) -> None:  # type: ignore[no-untyped-def]
     registry, watch = busy_registry
     general = samples_of(parse_openmetrics(generate_openmetrics(registry).decode()))
