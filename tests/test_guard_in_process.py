@@ -800,3 +800,34 @@ def test_a_watched_psycopg_pool_leak_names_its_route(postgres_url: str) -> None:
             pool.putconn(connection)
         watch.close()
         pool.close()
+
+
+def test_a_late_close_or_collection_under_a_reused_id_never_touches_the_newer_checkout() -> None:
+    """Shared-record checkouts are keyed by their proxy's ``id()``, which CPython may give a new
+    proxy once the old one is gone. The old proxy's late close, or its late finalization, must then
+    leave the newer checkout filed under that id alone. The reuse is set up by filing the newer
+    checkout under the older one's id (CPython gives no way to force an address)."""
+    engine = static_engine()
+    guard = PoolGuard().start()
+    try:
+        older = engine.connect()
+        (older_key,) = guard._open
+        older_checkout = guard._open[older_key]
+        newer = engine.connect()
+        (newer_key,) = (key for key in guard._open if key != older_key)
+        newer_checkout = guard._open.pop(newer_key)
+        guard._open[older_key] = newer_checkout  # the newer proxy now has the older one's id
+        older.close()
+        assert guard._open == {older_key: newer_checkout}
+        guard._gone(older_key, older_checkout)  # the older proxy's weak reference fires late
+        assert guard._open == {older_key: newer_checkout}
+        assert guard._reclaimed == []
+        guard._gone(older_key, newer_checkout)  # the newer one collected unclosed: reclaimed
+        assert guard._open == {}
+        assert guard._reclaimed == [newer_checkout]
+        newer.close()
+        guard._reclaimed.clear()
+        guard.check()
+    finally:
+        guard.stop()
+        engine.dispose()
