@@ -245,7 +245,10 @@ async def test_asyncpg_reads_the_role_limit_on_the_loop_that_owns_its_connection
             raw = await connection.get_raw_connection()
             assert raw.driver_connection is not None
             assert not raw.driver_connection.is_in_transaction()
-        assert scrape(registry).value("poolwatch_connects_total", pool="apg") == 2
+        samples = scrape(registry)
+        assert samples.value("poolwatch_connects_total", pool="apg") == 2
+        # The read's checkout is poolwatch's own, filed under <probe>, not under the caller's route.
+        assert samples.total("poolwatch_use_seconds_count", pool="apg", route="<probe>") == 1
         assert internal_errors.count == errors_before
     finally:
         await engine.dispose()
@@ -393,10 +396,12 @@ async def test_a_cancelled_or_timed_out_async_read_is_retried_and_stored(
         await await_until(lambda: isinstance(state.worker, asyncio.Task), "the read's task")
         task = state.worker
         assert isinstance(task, asyncio.Task)
+        assert task in reader._tasks  # held until it ends: the loop holds tasks only weakly
         if how == "cancelled":
             await asyncio.sleep(0.2)
             task.cancel()
         await await_until(lambda: not state.running, "the read to end")
+        await await_until(lambda: task not in reader._tasks, "the finished task to be let go")
         assert state.failures == 1
         assert recorder.server_limit_read_at is None
         assert server_max(registry, "apg") == []
