@@ -118,9 +118,9 @@ class Scrape:
         self.rows[name].append((labels, value))
 
 
-# A recorder alone (exported under its own name), or (exported name, recorder): a pool watched
-# under another name in another registry (see PoolWatch.add) is the same recorder, named there.
-NamedRecorder = PoolRecorder | tuple[str, PoolRecorder]
+# (exported name, recorder): a pool watched under another name in another registry (see
+# PoolWatch.add) is the same recorder, named there.
+NamedRecorder = tuple[str, PoolRecorder]
 
 
 def read_scrape(
@@ -129,8 +129,7 @@ def read_scrape(
     app_loop: asyncio.AbstractEventLoop | None = None,
 ) -> Scrape:
     scrape = Scrape()
-    for item in recorders:
-        name, recorder = item if isinstance(item, tuple) else (item.name, item)
+    for name, recorder in recorders:
         _read_pool(scrape, name, recorder)
     if requests is not None:
         for labels, copy in requests.snapshot().items():

@@ -28,7 +28,7 @@ def test_describe_names_what_collect_yields() -> None:
 def test_a_registry_asks_describe_instead_of_reading_the_pools() -> None:
     reads: list[int] = []
 
-    def recorders() -> list[PoolRecorder]:
+    def recorders() -> list[tuple[str, PoolRecorder]]:
         reads.append(1)
         return []
 
