@@ -69,7 +69,8 @@ def test_json_answers_and_their_status_line() -> None:
 
 def test_oversized_headers_are_treated_as_absent() -> None:
     fine, huge = "Bearer x", "Bearer " + "x" * MAX_HEADER_BYTES
-    for value, expected in ((fine, fine), (huge, None)):
+    at_bound, past_it = "x" * MAX_HEADER_BYTES, "x" * (MAX_HEADER_BYTES + 1)
+    for value, expected in ((fine, fine), (huge, None), (at_bound, at_bound), (past_it, None)):
         scope: Scope = {"type": "http", "headers": [(b"authorization", value.encode())]}
         assert header(scope, "authorization") == expected
         assert environ_header({"HTTP_AUTHORIZATION": value}, "authorization") == expected
