@@ -118,6 +118,21 @@ def test_openmetrics_output_matches_prometheus_client(busy_registry) -> None:  #
         "5ce0e9a56015fec5aadfa328ae398115",
     }
     assert rendered.body.endswith(b"# EOF\n") and rendered.body.count(b"# EOF") == 1
+    # Each exemplar keeps the instant it was recorded at (OpenMetrics shows it after the value).
+    recorded = {
+        trace_id: at
+        for recorder in watch.recorders
+        for trace_id, _, at in [*recorder.use_exemplars.values(), *recorder.query_exemplars.values()]
+    }
+    stamped = {
+        sample.exemplar.labels["trace_id"]: float(sample.exemplar.timestamp)
+        for family in parse_openmetrics(rendered.body.decode())
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+    assert stamped.keys() == recorded.keys()
+    for trace_id, at in recorded.items():
+        assert stamped[trace_id] == pytest.approx(at, abs=1e-3), trace_id
     # Each exemplar on the bucket its value is at or under: both values lie exactly on a bound.
     placed = {
         (name, labels["le"])
