@@ -124,15 +124,16 @@ def test_openmetrics_output_matches_prometheus_client(busy_registry) -> None:  #
         for recorder in watch.recorders
         for trace_id, _, at in [*recorder.use_exemplars.values(), *recorder.query_exemplars.values()]
     }
-    stamped = {
-        sample.exemplar.labels["trace_id"]: float(sample.exemplar.timestamp)
-        for family in parse_openmetrics(rendered.body.decode())
-        for sample in family.samples
-        if sample.exemplar is not None
-    }
-    assert stamped.keys() == recorded.keys()
-    for trace_id, at in recorded.items():
-        assert stamped[trace_id] == pytest.approx(at, abs=1e-3), trace_id
+    for body in (rendered.body, generate_openmetrics(registry)):  # poolwatch's writer, the general one
+        stamped = {
+            sample.exemplar.labels["trace_id"]: float(sample.exemplar.timestamp)
+            for family in parse_openmetrics(body.decode())
+            for sample in family.samples
+            if sample.exemplar is not None
+        }
+        assert stamped.keys() == recorded.keys()
+        for trace_id, at in recorded.items():
+            assert stamped[trace_id] == pytest.approx(at, abs=1e-3), trace_id
     # Each exemplar on the bucket its value is at or under: both values lie exactly on a bound.
     placed = {
         (name, labels["le"])
