@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -29,8 +27,10 @@ def test_the_pool_libraries_benchmark_prints_its_table(postgres_url: str) -> Non
         assert bare > 0 and watched > 0 and ratio > 0
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_the_instruction_counts_come_per_cycle(postgres_url: str) -> None:
+    # Not skipped without valgrind: the instruction benchmark is the one whose ratios are stable
+    # here, so a machine that cannot run it fails this test and says why.
+    assert shutil.which("valgrind") is not None, "valgrind is needed (Debian package valgrind)"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "pool_libraries.py"), "--url", postgres_url,
          "--instructions", "--only", "psycopg_sync", "--n1", "20", "--n2", "60"],
