@@ -148,7 +148,7 @@ def mark_process_dead(pid: int, directory: str | os.PathLike[str] | None = None)
                 continue
             document["dead"] = True
             write_atomically(path, json.dumps(document, separators=(",", ":")).encode())
-        except (OSError, ValueError) as error:
+        except Exception as error:  # called from the supervisor's hook: never raise there
             internal_errors.record("multiprocess_mark_dead", error)
 
 
@@ -344,7 +344,10 @@ class Publisher:
                 internal_errors.record("multiprocess_publish", error)
 
     def _run(self) -> None:
-        self._remove_stale_instances()
+        try:
+            self._remove_stale_instances()
+        except Exception as error:  # a directory that cannot be listed: publish all the same
+            internal_errors.record("multiprocess_stale", error)
         while True:
             try:
                 self.publish()
@@ -356,12 +359,15 @@ class Publisher:
     def _remove_stale_instances(self) -> None:
         """Drop files left by service instances whose supervisor is gone (an earlier run)."""
         for path, document in read_documents(self.directory, self.key):
-            group = document.get("group") or [None, None]
-            if group == self.group or group[0] is None:
-                continue
-            if not process_alive(int(group[0]), group[1]):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            try:
+                group = document.get("group") or [None, None]
+                if group == self.group or group[0] is None:
+                    continue
+                if not process_alive(int(group[0]), group[1]):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            except Exception as error:  # a file not of our making, or one we may not remove
+                internal_errors.record("multiprocess_stale", error)
 
     def after_fork_in_child(self) -> None:
         # The thread did not survive the fork, and this is a new pid with its own file.

@@ -434,6 +434,17 @@ def test_marking_dead_counts_an_unreadable_file_and_marks_the_others(tmp_path: P
     assert _document(good)["dead"] is True
 
 
+def test_marking_dead_never_raises_for_a_file_not_of_our_making(tmp_path: Path, dead_pid: int) -> None:
+    """The supervisor's hook must not fail for a stray file: a JSON array where a document should
+    be is counted, and the worker's real file is still marked."""
+    (tmp_path / f"poolwatch-a-{dead_pid}.json").write_text("[1, 2]")
+    good = _write_worker(tmp_path, dead_pid, _jobs_and_busy(1, 1), group=[1, 2], key="b", start=None)
+    errors_before = internal_errors.count
+    mark_process_dead(dead_pid, tmp_path)
+    assert internal_errors.count == errors_before + 1
+    assert _document(good)["dead"] is True
+
+
 def test_clearing_removes_every_poolwatch_file_and_temporary_and_nothing_else(tmp_path: Path) -> None:
     directory = tmp_path / "a" / "b"
     clear_directory(directory)  # made when missing, parents too
@@ -630,6 +641,21 @@ def test_at_start_files_of_service_instances_whose_supervisor_is_gone_are_remove
         [f"poolwatch-{KEY}-{name}.json" for name in ("100", "101", "102", "105")]
         + [other_key.name, publisher.path.name]
     )
+
+
+def test_a_stale_file_with_a_malformed_group_is_counted_and_the_writer_still_publishes(
+    tmp_path: Path, dead_pid: int, publishers: Callable[..., Publisher]
+) -> None:
+    """A file whose group cannot be read (not written by this version, or by hand) neither stops
+    the writer thread nor keeps the other stale files: it is counted and left alone."""
+    families = _jobs_and_busy(1, 1)
+    odd = _write_worker(tmp_path, dead_pid, families, group=[123], start=None, name="odd")
+    stale = _write_worker(tmp_path, dead_pid, families, group=[dead_pid, None], start=None, name="stale")
+    errors_before = internal_errors.count
+    publisher = publishers(Counts(), tmp_path)
+    assert odd.exists() and not stale.exists()
+    assert internal_errors.count == errors_before + 1
+    assert publisher._thread is not None and publisher._thread.is_alive()
 
 
 # -- the scraped side: merging ------------------------------------------------------------------------
