@@ -11,7 +11,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.metrics import scrape
+from tests.ports import free_port
 
 HOW_TO_GET_ONE = (
     "poolwatch's tests need PostgreSQL: set POOLWATCH_TEST_DATABASE_URL="
@@ -39,12 +39,6 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _throwaway_cluster() -> Iterator[str]:
     binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -52,7 +46,7 @@ def _throwaway_cluster() -> Iterator[str]:
         pytest.exit(HOW_TO_GET_ONE, returncode=3)
     bindir = binaries[-1]
     data = tempfile.mkdtemp(prefix="poolwatch-pg-")
-    port = _free_port()
+    port = free_port()
     as_postgres: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         shutil.chown(data, "postgres", "postgres")

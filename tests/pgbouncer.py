@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.ports import free_port
+
 # Roles the test may connect as through PgBouncer (trust auth: any password is ignored).
 USERS = ("postgres",)
 
@@ -41,12 +43,6 @@ class PgBouncer:
         if user is not None:
             url = url.set(username=user)
         return url.render_as_string(hide_password=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _unprivileged_user() -> pwd.struct_passwd | None:
@@ -99,7 +95,7 @@ def pgbouncer(postgres_url: str) -> Iterator[PgBouncer]:
     upstream_port = upstream.port or 5432
     user = _unprivileged_user()
     directory = Path(tempfile.mkdtemp(prefix="poolwatch-pgbouncer-"))
-    port = _free_port()
+    port = free_port()
     ini = _write_config(directory, port, upstream.host or "127.0.0.1", upstream_port)
     if user is not None:
         for path in (directory, *directory.iterdir()):

@@ -36,7 +36,8 @@ from demo_app.errors import client_errors, constraint_name
 from demo_app.main import create_app
 from demo_app.settings import DemoSettings
 from tests.metrics import parse_text
-from tests.test_operator_e2e import _database, _free_port, _process, _wait_until_ok
+from tests.ports import free_port
+from tests.test_operator_e2e import _database, _process, _wait_until_ok
 
 with warnings.catch_warnings():  # starlette's nudge towards httpx2, not ours to act on
     warnings.simplefilter("ignore")
@@ -71,7 +72,7 @@ def _statuses(access_log: Path) -> Counter[int]:
 
 
 def test_the_fuzzer_finds_no_server_error(database_url: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "demo.log"
     env = _demo_env(database_url, DEMO_MAX_SLEEP_SECONDS=MAX_SLEEP)
@@ -103,7 +104,7 @@ def test_the_fuzzer_finds_no_server_error(database_url: str, tmp_path: Path) -> 
 
 
 def test_races_under_the_load_generator_end_in_404_or_409(database_url: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "demo.log"
     env = _demo_env(database_url)
@@ -209,7 +210,7 @@ async def test_integrity_errors_are_mapped_by_constraint_not_by_class() -> None:
 
 
 def test_the_demo_says_where_to_look_shows_a_leak_soon_and_stops_in_seconds(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "demo.log"
     env = _demo_env(f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}")

@@ -21,10 +21,10 @@ import httpx
 import pytest
 import yaml
 
+from tests.ports import free_port
 from tests.test_operator_e2e import (
     Stack,
     _database,
-    _free_port,
     _process,
     _wait_until_ok,
 )
@@ -113,7 +113,7 @@ def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     prometheus_bin = require_tool("prometheus")
     work = tmp_path_factory.mktemp("asyncpg-dashboards")
     (work / "asyncpg_app.py").write_text(APP)
-    app_port, prom_port = _free_port(), _free_port()
+    app_port, prom_port = free_port(), free_port()
     instance = f"127.0.0.1:{app_port}"
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

@@ -25,7 +25,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
 from tests.test_operator_e2e import _database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,12 +189,6 @@ def test_python_block_runs(block: Block, tmp_path: Path) -> None:
 # -- the install and quick-start commands, in a fresh virtualenv --------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def fresh_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the checkout as a clone has it: no virtualenv, caches, build output or databases."""
@@ -280,7 +274,7 @@ def test_getting_started_commands_run_as_written(
             is_async = "create_async_engine" in (fresh_checkout / f"{module}.py").read_text()
             driver = "postgresql+asyncpg://" if is_async else "postgresql+psycopg://"
             for url in (None, database.replace("postgresql://", driver, 1)):
-                port = _free_port()
+                port = free_port()
                 server_env = dict(env, UVICORN_PORT=str(port))
                 if url is not None:
                     server_env["DATABASE_URL"] = url

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from poolwatch import PoolWatchMiddleware
 from poolwatch._serve import exposition
 from tests.fault_fixtures import SERVINGS, Serving, client_of, wait_until_async
 from tests.metrics import parse_text, scrape
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -195,15 +195,9 @@ def test_pool_name_never_carries_credentials() -> None:
     assert poolwatch.watch(named, registry=CollectorRegistry()).pool_names == ["orders"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_demo_command_starts_without_database_url(tmp_path: Path) -> None:
     """README's demo command on an embedded database: serves the API, /metrics and health."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     process = subprocess.Popen(
         [sys.executable, "-m", "demo_app", "--port", str(port)],

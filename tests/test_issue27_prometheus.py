@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 
 import poolwatch
 from tests.fault_fixtures import Served
-from tests.test_operator_e2e import _free_port, _process, _wait_until_ok
+from tests.ports import free_port
+from tests.test_operator_e2e import _process, _wait_until_ok
 from tests.test_operator_kit import RULES, load_rules, panel_queries, require_tool
 
 JOB = "issue27"
@@ -169,7 +170,7 @@ def prometheus_and_app(
     app = _app(sync_url, async_url, registry)
     with Served(app) as served:
         instance = served.url.removeprefix("http://")
-        prom_port = _free_port()
+        prom_port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],

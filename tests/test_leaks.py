@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from poolwatch._record.events import shown_path
 from tests import attribution_app
 from tests.fault_fixtures import SERVINGS, Serving, client_of, wait_until_async
 from tests.metrics import scrape
+from tests.ports import free_port
 
 
 def wait_for_event(events: list[dict], name: str, timeout: float) -> float | None:  # type: ignore[type-arg]
@@ -156,19 +156,13 @@ async def test_async_leak_in_a_request_names_the_endpoint(
     sync_engine.dispose()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served_app(async_url: str, sync_url: str, registry: CollectorRegistry) -> Iterator[str]:
     """The attribution app under a real uvicorn, in a thread; yields its base URL."""
     async_engine = create_async_engine(async_url, pool_size=2)
     sync_engine = sa.create_engine(sync_url, pool_size=1)
     app, watch = attribution_app.build_app(async_engine, sync_engine, registry)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

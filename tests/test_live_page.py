@@ -32,7 +32,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from demo_app import misbehave
 from tests.live_page_app import SCRIPT_ROUTE
-from tests.test_operator_e2e import _database, _free_port, _process, _wait_until_ok
+from tests.ports import free_port
+from tests.test_operator_e2e import _database, _process, _wait_until_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAK_THRESHOLD_SECONDS = 2
@@ -63,7 +64,7 @@ def _require(name: str) -> str:
 @pytest.fixture(scope="module")
 def demo(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     work = tmp_path_factory.mktemp("live-page")
-    port = _free_port()
+    port = free_port()
     token = secrets.token_urlsafe(16)
     env = {
         **os.environ,

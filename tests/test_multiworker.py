@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import poolwatch
 from poolwatch._record.server import role_tag
 from poolwatch._serve.multiprocess import MultiProcessCollector, Publisher
 from tests.metrics import parse_text
+from tests.ports import free_port
 from tests.test_server_limit import pg_client_limit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,12 +69,6 @@ async def hold(request):
 app = Starlette(routes=[Route("/work", work), Route("/hold", hold)])
 poolwatch.instrument(app, engine, name="app")
 """.replace("POOL_SIZE", str(POOL_SIZE))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -138,7 +132,7 @@ class Server:
 
 def _server(kind: str, tmp_path: Path, postgres_url: str) -> Iterator[Server]:
     (tmp_path / "app.py").write_text(APP)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import psycopg
 import pytest
 import yaml
 
+from tests.ports import free_port
 from tests.test_operator_kit import (
     ROOT,
     RULES,
@@ -58,12 +58,6 @@ class Stack:
         path = self.logs / name
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _with_database(url: str, database: str) -> str:
@@ -134,7 +128,7 @@ def _wait_for_scrapes(prometheus: str, instance: str, timeout: float = 20) -> No
 def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_bin = require_tool("prometheus")
     work = tmp_path_factory.mktemp("operator-e2e")
-    app_port, prom_port = _free_port(), _free_port()
+    app_port, prom_port = free_port(), free_port()
     instance = f"127.0.0.1:{app_port}"
     env = {
         **os.environ,

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 # What the demo needs from a checkout (the rest of the tree plays no part in installing or serving).
 CHECKOUT = ["pyproject.toml", "README.md", "poolwatch", "demo_app", "scripts"]
 RECORDED = ["apt-get", "apt", "dpkg", "sudo", "service", "systemctl", "invoke-rc.d", "pkill", "killall"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,7 @@ def _has_module(checkout: Path, module: str) -> bool:
 def test_demo_installs_its_extra_once_and_honours_port(
     checkout: Path, recorder: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    first_port, second_port = _free_port(), _free_port()
+    first_port, second_port = free_port(), free_port()
     env = _env(recorder, tmp_path, PORT=str(first_port))
 
     log = tmp_path / "first.log"

@@ -24,14 +24,9 @@ from starlette.routing import Route
 import poolwatch
 from tests.fault_fixtures import SERVINGS, Serving, sync_client_of
 from tests.metrics import parse_text
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +46,7 @@ def test_metrics_and_health_on_the_metrics_port_only(
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/query", query)])
-    port = _free_port()
+    port = free_port()
     watch = poolwatch.instrument(
         app, engine, registry=registry, name="side", metrics_port=port, health_deadline_seconds=20
     )
@@ -93,7 +88,7 @@ def test_watch_without_an_app_serves_health_on_its_own_loop(
     sync_url: str, registry: CollectorRegistry
 ) -> None:
     engine = sa.create_engine(sync_url, pool_size=1, max_overflow=0)
-    port = _free_port()
+    port = free_port()
     watch = poolwatch.watch(
         engine, registry=registry, name="script", metrics_port=port, health_details="always",
         health_deadline_seconds=20,
@@ -117,7 +112,7 @@ def test_once_the_loop_that_called_watch_has_ended_async_pools_are_not_probed(
     async_url: str, registry: CollectorRegistry
 ) -> None:
     engine = create_async_engine(async_url, pool_size=2, max_overflow=0)
-    port = _free_port()
+    port = free_port()
 
     async def start() -> poolwatch.PoolWatch:
         watch = poolwatch.watch(
@@ -235,7 +230,7 @@ def test_an_async_worker_is_never_disturbed_by_the_sidecar(
     the worker's loop, so the sidecar must never use them from its own thread or loop."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "POOLWATCH_METRICS_HOST": "127.0.0.1"}
     worker = subprocess.Popen(
         [sys.executable, str(script), async_url, str(port), where],

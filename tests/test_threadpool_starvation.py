@@ -29,7 +29,8 @@ import yaml
 
 from poolwatch._settings import PoolWatchSettings
 from tests.metrics import parse_text
-from tests.test_operator_e2e import _free_port, _process, _wait_for_scrapes, _wait_until_ok
+from tests.ports import free_port
+from tests.test_operator_e2e import _process, _wait_for_scrapes, _wait_until_ok
 from tests.test_operator_kit import RULES, load_rules, require_tool
 
 TOKENS = 4
@@ -58,7 +59,7 @@ def test_sync_endpoint_deadlock_is_seen_logged_alerted_and_released(
     postgres_url: str, tmp_path: Path
 ) -> None:
     prometheus_bin = require_tool("prometheus")
-    app_port, prom_port = _free_port(), _free_port()
+    app_port, prom_port = free_port(), free_port()
     instance = f"127.0.0.1:{app_port}"
     base = f"http://{instance}"
     prom = f"http://127.0.0.1:{prom_port}"

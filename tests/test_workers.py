@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from prometheus_client import CollectorRegistry
 import poolwatch
 from poolwatch._log import internal_errors
 from poolwatch._serve import workers as _workers
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENT = "poolwatch.multiworker_without_directory"
@@ -62,12 +62,6 @@ if __name__ == "__main__":  # workers are spawned, and a spawned process imports
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Started:
     output: str
@@ -90,7 +84,7 @@ def start(tmp_path: Path) -> Iterator[object]:
 
     def run(kind: str, workers: int, extra_env: dict[str, str] | None = None, loads: int = 0) -> Started:
         """Start a server and wait until ``loads`` (default: ``workers``) processes imported the app."""
-        port = _free_port()
+        port = free_port()
         commands = {
             "uvicorn": [sys.executable, "-m", "uvicorn", "--workers", str(workers), "--host", "127.0.0.1",
                         "--port", str(port), "app:app"],

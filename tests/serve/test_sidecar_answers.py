@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
-import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -25,14 +24,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import poolwatch
 from poolwatch._log import internal_errors
 from poolwatch._serve.sidecar import SidecarServer
+from tests.ports import free_port
 
 TOKEN = "s3cret-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +44,7 @@ def engine(sync_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture
 def served(engine: sa.Engine, registry: CollectorRegistry) -> Iterator[tuple[str, poolwatch.PoolWatch]]:
     """A watched engine whose sidecar serves health details to the token only."""
-    port = _free_port()
+    port = free_port()
     watch = poolwatch.watch(
         engine,
         registry=registry,
@@ -112,7 +106,7 @@ def test_health_details_on_the_loop_of_an_app_also_need_the_token(
     engine: sa.Engine, registry: CollectorRegistry
 ) -> None:
     """Watched from async code, health runs on that loop (``_run_on``): the token still decides."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], bool]:
@@ -156,7 +150,7 @@ def test_an_async_engine_watched_from_async_code_is_probed_on_that_loop(
     """The loop running where watch() was called owns the async pool's connections: the sidecar's
     health probes it there (a latency, no "skipped")."""
     engine = create_async_engine(async_url, pool_size=1, max_overflow=0)
-    port = _free_port()
+    port = free_port()
 
     async def main() -> dict[str, Any]:
         watch = poolwatch.watch(

@@ -9,7 +9,6 @@ the test, the sidecar's own server thread), so that mutation testing sees the si
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -18,18 +17,13 @@ from prometheus_client import CollectorRegistry
 
 import poolwatch
 from poolwatch._serve.sidecar import LOOP_GRACE_SECONDS
+from tests.ports import free_port
 
 DEADLINE = 0.05
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_stuck_event_loop_is_answered_down_after_the_deadline_and_its_grace() -> None:
-    port = _free_port()
+    port = free_port()
     started, go_on, stuck, release = (threading.Event() for _ in range(4))
     watches: list[poolwatch.PoolWatch] = []
 
