@@ -92,6 +92,7 @@ for group in "${groups[@]}"; do
         tests/test_sidecar.py tests/test_threadpool.py tests/test_capacity.py
         tests/test_server_limit.py tests/test_app_middleware_route.py tests/test_pool_metrics.py
         tests/test_attribution.py tests/capture/test_capacity_limits.py
+        tests/capture/test_capacity_reads.py tests/test_driver_pool_absent.py
       )
       ;;
     edge)
@@ -122,7 +123,8 @@ skip_lines=(
 # arguments in the record group's files (they never reach its functions; the edge group runs the
 # settings tests), the check of the logging call's function name, which mutmut's trampolines
 # rename, the runs of in-process tests again under uvicorn (the same code through a server: twice
-# the time for no mutant more), and the browser.
+# the time for no mutant more; so a test run in process must not have "uvicorn" in its name), and
+# the browser.
 deselect="not demo_command and not not_an_engine and not reach_stdlib_logging and not uvicorn"
 deselect+=" and not an_async_worker_is_never_disturbed_by_the_sidecar"
 case " ${groups[*]} " in
