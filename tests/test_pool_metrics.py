@@ -262,9 +262,8 @@ async def test_async_engine_passed_directly(async_url: str, registry: CollectorR
     assert samples.value("poolwatch_checkins_total", pool=name) == 1
     assert samples.value("poolwatch_connects_total", pool=name) == 1
     assert samples.value("poolwatch_query_seconds_count", pool=name, operation="SELECT") >= 1
-    info = samples.find("poolwatch_pool_info", pool=name)
-    assert info[0][0]["pool_class"] == "AsyncAdaptedQueuePool"
-    assert info[0][0]["driver"] == "asyncpg"
+    ((info, value),) = samples.find("poolwatch_pool_info", pool=name)
+    assert (info["pool_class"], info["driver"], value) == ("AsyncAdaptedQueuePool", "asyncpg", 1)
     await engine.dispose()
 
 
