@@ -66,3 +66,55 @@ async def test_a_loop_without_run_variables_has_no_threads(monkeypatch: pytest.M
     monkeypatch.setattr(anyio.lowlevel, "_run_vars", weakref.WeakKeyDictionary())
     assert default_limiter(loop) is None
     assert read_threadpool(loop) == ThreadpoolState(busy=0, waiting=0, capacity=None)
+
+
+class _LimiterWithoutQueue:
+    """A limiter of an AnyIO that keeps no ``_wait_queue``: only its public face, forwarded to a
+    real limiter."""
+
+    def __init__(self, limiter: Any) -> None:
+        self._limiter = limiter
+
+    @property
+    def borrowed_tokens(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    @property
+    def total_tokens(self) -> float:
+        return float(self._limiter.total_tokens)
+
+    def statistics(self) -> Any:
+        return self._limiter.statistics()
+
+
+async def test_a_limiter_without_a_wait_queue_is_read_through_its_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    limiter = await _limiter_in_use()
+    limiter.total_tokens = 1
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with limiter:
+            held.set()
+            await release.wait()
+
+    async def queue() -> None:
+        async with limiter:
+            pass
+
+    holder = asyncio.create_task(hold())
+    await held.wait()
+    waiter = asyncio.create_task(queue())
+    await asyncio.sleep(0.05)  # the waiter is now queued for the one token
+    public: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+    public[loop] = {BACKEND._default_thread_limiter: _LimiterWithoutQueue(limiter)}
+    monkeypatch.setattr(anyio.lowlevel, "_run_vars", public)
+    try:
+        assert read_threadpool(loop) == ThreadpoolState(busy=1, waiting=1, capacity=1)
+    finally:
+        release.set()
+        await asyncio.gather(holder, waiter)
+        limiter.total_tokens = 40
