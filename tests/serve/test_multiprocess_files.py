@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -179,13 +180,20 @@ def _seconds_since_start(start: int) -> float:
     return uptime - start / os.sysconf("SC_CLK_TCK")
 
 
+def _default_signals() -> None:
+    for number in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_DFL)
+
+
 @pytest.fixture
 def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Starts child processes (``sleep 60`` unless told) and kills and reaps them afterwards."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(*command: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(list(command) or [SLEEP, "60"])
+        # Default signal dispositions, whatever this run inherited (nohup ignores SIGHUP): a
+        # check that sent a signal by mistake must be seen to end the child.
+        process = subprocess.Popen(list(command) or [SLEEP, "60"], preexec_fn=_default_signals)
         started.append(process)
         return process
 
@@ -636,7 +644,9 @@ def test_at_start_files_of_service_instances_whose_supervisor_is_gone_are_remove
             del document["group"]
             path.write_text(json.dumps(document))
     other_key = _write_worker(tmp_path, dead_pid, families, group=[dead_pid, None], key="other", start=None)
+    errors_before = internal_errors.count
     publisher = publishers(Counts(), tmp_path)
+    assert internal_errors.count == errors_before  # every one of them a file poolwatch can read
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         [f"poolwatch-{KEY}-{name}.json" for name in ("100", "101", "102", "105")]
         + [other_key.name, publisher.path.name]
@@ -701,6 +711,9 @@ def test_one_scrape_sums_every_workers_counters_and_the_live_workers_gauges_on_r
         assert [samples.value("poolwatch_oldest_checkout_age_seconds", pool="app")] == oldest
         assert oldest[0] > 0
         assert [value for _, value in samples.find("poolwatch_pool_info", pool="app")] == [1.0]
+        # The scrape also published this worker's own numbers, at once (the interval is an hour).
+        own = _published(publisher.path, "poolwatch_checkouts_total")
+        assert own == 3
     finally:
         for connection in held:
             connection.close()
