@@ -8,6 +8,9 @@ passes it on.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -18,6 +21,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 import poolwatch
+from tests.ports import free_port
 
 
 @pytest.fixture
@@ -94,3 +98,64 @@ async def test_other_methods_are_refused_naming_the_allowed_ones(
     assert answer.json() == {"detail": "Method Not Allowed"}
     assert answer.headers["allow"] == "GET, HEAD"
     assert answer.headers["cache-control"] == "no-store"
+
+
+async def test_details_of_a_refused_pool_name_the_error_and_the_pools_state(
+    sync_url: str, registry: CollectorRegistry
+) -> None:
+    refused = sa.create_engine(sa.make_url(sync_url).set(port=free_port()), pool_size=3, max_overflow=0)
+    app = FastAPI()
+    poolwatch.instrument(app, refused, registry=registry, name="gone", health_details="always")
+    try:
+        answer = await _ask(app, "GET", "/health/db")
+    finally:
+        refused.dispose()
+    assert answer.status_code == 503
+    assert answer.json() == {
+        "status": "down",
+        "pools": {
+            "gone": {
+                "status": "down", "latency_seconds": None, "used": 0, "idle": 0, "max": 3, "pending": 0,
+                "error": "OperationalError",
+            }
+        },
+    }  # fmt: skip
+
+
+async def test_details_of_a_healthy_pool_give_its_latency_to_the_microsecond(
+    engine: sa.Engine, registry: CollectorRegistry
+) -> None:
+    app = FastAPI()
+    poolwatch.instrument(app, engine, registry=registry, name="main", health_details="always")
+    details = (await _ask(app, "GET", "/health/db")).json()["pools"]["main"]
+    latency = details.pop("latency_seconds")
+    assert details == {"status": "ok", "used": 0, "idle": 1, "max": 12, "pending": 0}
+    assert 0 < latency == round(latency, 6)
+
+
+async def test_the_stall_window_is_the_one_set(sync_url: str, registry: CollectorRegistry) -> None:
+    """A full pool with a caller queued and nothing moving: saturated at first, down (stalled)
+    once nothing has moved for health_stall_seconds, here half a second, not the default ten."""
+    engine = sa.create_engine(sync_url, pool_size=1, max_overflow=0, pool_timeout=30)
+    app = FastAPI()
+    watch = poolwatch.instrument(
+        app, engine, registry=registry, name="stuck", health_details="always", health_stall_seconds=0.5
+    )
+    (recorder,) = watch.recorders
+    held = engine.connect()
+    waiter = threading.Thread(target=lambda: engine.connect().close())
+    waiter.start()
+    try:
+        give_up = time.monotonic() + 30
+        while recorder.pending == 0:
+            assert time.monotonic() < give_up, "the caller never queued"
+            await asyncio.sleep(0.01)
+        first = (await _ask(app, "GET", "/health/db")).json()
+        assert first["pools"]["stuck"]["status"] == "saturated"
+        await asyncio.sleep(0.6)
+        second = (await _ask(app, "GET", "/health/db")).json()
+        assert (second["pools"]["stuck"]["status"], second["pools"]["stuck"]["error"]) == ("down", "stalled")
+    finally:
+        held.close()
+        waiter.join(30)
+        engine.dispose()
