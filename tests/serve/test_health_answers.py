@@ -130,7 +130,8 @@ async def test_details_of_a_healthy_pool_give_its_latency_to_the_microsecond(
     details = (await _ask(app, "GET", "/health/db")).json()["pools"]["main"]
     latency = details.pop("latency_seconds")
     assert details == {"status": "ok", "used": 0, "idle": 1, "max": 12, "pending": 0}
-    assert 0 < latency == round(latency, 6)
+    # An ok answer came within the deadline (0.5 s by default): its latency is under it.
+    assert 0 < latency == round(latency, 6) <= 0.5
 
 
 async def test_the_stall_window_is_the_one_set(sync_url: str, registry: CollectorRegistry) -> None:
