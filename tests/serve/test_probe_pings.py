@@ -14,6 +14,7 @@ queued behind it is counted as waiting.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 import warnings
@@ -30,6 +31,8 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolwatch
+from poolwatch._log import internal_errors
+from poolwatch._record.context import NO_REQUEST, PROBE_ROUTE
 from poolwatch._record.recorder import PoolRecorder
 from poolwatch._serve import probe
 from poolwatch._serve.probe import _Flight, _PoolProbeState
@@ -141,6 +144,14 @@ async def _check(recorder: PoolRecorder, deadline: float = 10.0) -> probe.PoolHe
     return await probe.check_pool(recorder, probe.monotonic() + deadline, deadline, 0.0)
 
 
+async def _ended(recorder: PoolRecorder) -> None:
+    """The probe's thread or task has returned and its frame is gone: a connection it dropped
+    without returning would be collected (and warned about) by now."""
+    await asyncio.to_thread(_wait_until_no_probe_runs, recorder)
+    await asyncio.sleep(0)
+    gc.collect()
+
+
 def _wait_until_no_probe_runs(recorder: PoolRecorder) -> None:
     give_up = time.monotonic() + 30.0
     while probe.probes_running(recorder):
@@ -161,10 +172,16 @@ async def test_a_ping_answering_false_condemns_only_that_connection(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         health = await _check(pool.recorder)
-    # Dropped, not left to the garbage collector (which warns of a connection never returned).
+        await _ended(pool.recorder)
+    # Dropped or returned, never left to the garbage collector (which warns of an asyncio
+    # connection never returned, and poolwatch counts as reclaimed).
     assert [str(warning.message) for warning in caught] == []
+    assert sum(pool.recorder.gc_reclaimed.values()) == 0
     assert (health.status, health.error) == ("ok", None)
     assert pings.pings == 3
+    # The probe's checkouts are poolwatch's own, filed under <probe>, not under no request.
+    assert sum(pool.recorder.use[(PROBE_ROUTE, NO_REQUEST)].counts) == 3
+    assert sum(pool.recorder.use[(NO_REQUEST, NO_REQUEST)].counts) == 3  # fill()'s own
     assert pool.recorder.connects == connects
     assert pool.recorder.disconnects == disconnects + 2
     assert pool.pool.checkedout() == 0
@@ -184,12 +201,17 @@ async def test_when_every_ping_answers_false_the_pool_is_down_after_one_fresh_co
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         health = await _check(pool.recorder)
-    # Dropped, not left to the garbage collector (which warns of a connection never returned).
+        await _ended(pool.recorder)
+    # Dropped or returned, never left to the garbage collector (which warns of an asyncio
+    # connection never returned, and poolwatch counts as reclaimed).
     assert [str(warning.message) for warning in caught] == []
+    assert sum(pool.recorder.gc_reclaimed.values()) == 0
     assert (health.status, health.error) == ("down", "PingReturnedFalse")
     assert pings.pings == idle + 1
-    assert pool.recorder.connects == connects + 1
-    assert pool.recorder.disconnects == disconnects + idle + 1
+    again = await _check(pool.recorder)  # reads the first verdict's instant (stale) and probes again
+    assert (again.status, again.error) == ("down", "PingReturnedFalse")
+    assert pool.recorder.connects == connects + 2  # one fresh connection per check
+    assert pool.recorder.disconnects == disconnects + idle + 2
     assert pool.pool.checkedout() == 0
 
 
@@ -235,9 +257,11 @@ async def test_a_ping_failing_after_the_deadline_ends_the_probe_without_trying_m
 
     pings = script(answer)
     connects, disconnects = pool.recorder.connects, pool.recorder.disconnects
+    errors = internal_errors.count
     health = await probe.check_pool(pool.recorder, due, deadline, 0.0)
     assert health.status != "ok"
     await asyncio.to_thread(_wait_until_no_probe_runs, pool.recorder)
+    assert internal_errors.count == errors  # the late finish worked out its verdict without a fault
     assert pings.pings == 1
     assert pool.recorder.connects == connects
     assert pool.recorder.disconnects == disconnects + 1
