@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 import poolwatch
+from poolwatch._serve.page import MAX_QUERY_BYTES
 
 TOKEN = "Yf+3kQ/zP0a+Lm7/Q1w2Eg=="
 
@@ -188,6 +189,38 @@ def test_a_stale_cookie_does_not_lock_out_a_right_token_in_another_form(client: 
     client.cookies.set("poolwatch_token", TOKEN.replace("+", "%2B").replace("/", "%2F"))
     assert client.get("/poolwatch/state", headers={"Authorization": "Bearer wrong"}).status_code == 200
     assert client.get("/poolwatch/state", params={"token": "wrong"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("cookie", "status"),
+    [
+        (f"poolwatch_token={TOKEN}", 200),
+        (f"theme=dark; poolwatch_token={TOKEN}", 200),  # not the first cookie
+        (f"theme=dark;poolwatch_token={TOKEN}", 200),  # no space after the separator
+        (f"session={TOKEN}", 401),  # the right value under another cookie's name
+        (f"poolwatch_token=; session={TOKEN}", 401),
+        (f"poolwatch_token_old={TOKEN}", 401),
+    ],
+)
+def test_only_the_pages_own_cookie_carries_the_token(client: TestClient, cookie: str, status: int) -> None:
+    """Read from the raw Cookie header, as a browser sends it: the token counts under the page's
+    cookie name only, wherever that cookie stands among the others."""
+    answer = client.get(
+        "/poolwatch/state", headers={"Cookie": cookie.replace("+", "%2B").replace("/", "%2F")}
+    )
+    assert answer.status_code == status, cookie
+
+
+def test_a_token_in_an_address_over_its_bound_is_refused(client: TestClient) -> None:
+    """The query is read up to 8,192 bytes: the right token in a query of exactly that size opens
+    the page, one byte more is refused however right the token is."""
+    token = "token=" + TOKEN.replace("+", "%2B").replace("/", "%2F")
+    for size, status in ((MAX_QUERY_BYTES, 200), (MAX_QUERY_BYTES + 1, 401)):
+        padding = "&pad=" + "x" * (size - len(token) - len("&pad="))
+        query = token + padding
+        assert len(query) == size
+        client.cookies.clear()  # only the address may carry the token here
+        assert client.get(f"/poolwatch/state?{query}").status_code == status, size
 
 
 # -- Secure behind a proxy -----------------------------------------------------------------------
