@@ -5,6 +5,7 @@ caches are dropped, and the answer when building fails.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -303,3 +304,45 @@ def test_two_pools_and_a_bounded_list_of_events(sync_url: str, registry: Collect
     assert len(state["events"]) == MAX_EVENTS
     assert state["events"][0]["route"] == f"/e/{MAX_EVENTS + 4}"  # newest first
     assert state["window_seconds"] == 300.0
+
+
+def test_a_pools_identity_and_its_state_now_are_exact(engine: sa.Engine, registry: CollectorRegistry) -> None:
+    """Two connections out of a QueuePool of 2 (+10 overflow) and a third caller queued behind a
+    full pool of one: the page's "now" block says exactly that, with what the pool is."""
+    watch = poolwatch.watch(engine, registry=registry, name="now", leak_threshold_seconds=60)
+    small = sa.create_engine(str(engine.url), pool_size=1, max_overflow=0, pool_timeout=30)
+    other = poolwatch.watch(small, registry=CollectorRegistry(), name="full")
+    first, second = engine.connect(), engine.connect()
+    held = small.connect()
+    waiter = threading.Thread(target=lambda: small.connect().close())
+    waiter.start()
+    try:
+        (small_recorder,) = other.recorders
+        give_up = time.monotonic() + 30
+        while small_recorder.pending == 0:
+            assert time.monotonic() < give_up, "the caller never queued"
+            time.sleep(0.01)
+        pools = [
+            *zip(watch.pool_names, watch.recorders, strict=True),
+            *zip(other.pool_names, other.recorders, strict=True),
+        ]
+        state = json.loads(StateBuilder().build(pools, None))
+        by_name = {pool["name"]: pool for pool in state["pools"]}
+        now = by_name["now"]
+        assert {key: now[key] for key in ("name", "dialect", "driver", "pool_class", "leak_threshold_seconds")} == {
+            "name": "now", "dialect": "postgresql", "driver": "psycopg", "pool_class": "QueuePool",
+            "leak_threshold_seconds": 60.0,
+        }  # fmt: skip
+        assert {k: v for k, v in now["now"].items() if k != "oldest_checkout_seconds"} == {
+            "used": 2, "idle": 0, "max": 12, "overflow": 0, "pending": 0, "leaked": 0,
+        }  # fmt: skip
+        full = by_name["full"]["now"]
+        assert (full["used"], full["idle"], full["max"], full["pending"]) == (1, 0, 1, 1)
+    finally:
+        held.close()
+        waiter.join(30)
+        first.close()
+        second.close()
+        other.close()
+        small.dispose()
+        watch.close()
