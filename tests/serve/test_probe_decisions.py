@@ -379,6 +379,7 @@ def test_a_probe_queued_in_its_pool_is_not_counted_among_the_callers_waiting(
     probes.running.add(flight)
     held = engine.connect()  # the pool of one is full
     runner = threading.Thread(target=probe._run_sync, args=(recorder.source, recorder, probes, flight))
+    caller = threading.Thread(target=lambda: engine.connect().close())
     runner.start()
     try:
         deadline = probe.monotonic() + 30.0
@@ -388,9 +389,16 @@ def test_a_probe_queued_in_its_pool_is_not_counted_among_the_callers_waiting(
         assert flight.in_checkout is True
         assert probe._probe_in_checkout(probes) is True
         assert probe._others_pending(recorder, probes) == 0  # only the probe waits
+        caller.start()  # an application caller queues behind the probe
+        while recorder.pending < 2:
+            assert probe.monotonic() < deadline, "the caller never queued"
+            time.sleep(0.01)
+        assert probe._others_pending(recorder, probes) == 1  # the caller, not the probe
     finally:
         held.close()
     runner.join(30.0)
+    if caller.ident is not None:
+        caller.join(30.0)
     assert not runner.is_alive()
     assert flight.in_checkout is False
     result = flight.done.result(timeout=0)
