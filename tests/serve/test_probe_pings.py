@@ -29,6 +29,7 @@ from sqlalchemy.dialects import registry as dialects
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.util import await_only
 
 import poolwatch
 from poolwatch._log import internal_errors
@@ -59,6 +60,8 @@ _script: _Script | None = None
 
 
 class ScriptedPsycopg(PGDialect_psycopg):
+    supports_statement_cache = True  # as its parent: only do_ping differs
+
     def do_ping(self, dbapi_connection: Any) -> bool:
         if _script is None:
             return bool(super().do_ping(dbapi_connection))
@@ -66,6 +69,8 @@ class ScriptedPsycopg(PGDialect_psycopg):
 
 
 class ScriptedAsyncpg(PGDialect_asyncpg):
+    supports_statement_cache = True
+
     def do_ping(self, dbapi_connection: Any) -> bool:
         if _script is None:
             return bool(super().do_ping(dbapi_connection))
@@ -323,3 +328,64 @@ def test_while_the_probe_pings_a_caller_queued_behind_it_is_counted_as_waiting(
     assert not runner.is_alive() and caller_done.is_set()
     result = flight.done.result(timeout=0)
     assert (result.status, result.error) == ("ok", None)
+
+
+async def test_on_the_asyncio_path_the_probe_counts_as_queued_only_while_it_queues(
+    async_url: str, registry: CollectorRegistry, script: Callable[..., _Script]
+) -> None:
+    """The asyncio probe, queued behind a full pool of one, is not one of the application's
+    waiting callers; once it has the connection and pings slowly, a caller queued behind it is."""
+    engine = create_async_engine(
+        sa.make_url(async_url).set(drivername="postgresql+scripted_asyncpg"),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=30,
+    )
+    watch = poolwatch.watch(engine, registry=registry, name="slow_async_ping")
+    (recorder,) = watch.recorders
+    pinging = asyncio.Event()
+    answer = asyncio.Event()
+
+    def slow(n: int) -> None:
+        pinging.set()
+        await_only(answer.wait())
+        return None  # then the real ping
+
+    script(slow)
+    probes = _PoolProbeState()
+    flight = _Flight(probe.monotonic(), probe.monotonic() + 30.0, recorder.checkouts)
+    probes.flight = flight
+    probes.running.add(flight)
+
+    async def use_once() -> None:
+        async with engine.connect() as connection:
+            await connection.execute(sa.text("SELECT 1"))
+
+    held = await engine.connect()  # the pool of one is full
+    runner = asyncio.create_task(probe._run_async(recorder.source, recorder, probes, flight))
+    caller: asyncio.Task[None] | None = None
+    try:
+        await _until(lambda: recorder.pending == 1, "the probe to queue")
+        assert (flight.in_checkout, probe._others_pending(recorder, probes)) == (True, 0)
+        await held.close()
+        await asyncio.wait_for(pinging.wait(), 30)
+        assert flight.in_checkout is False
+        caller = asyncio.create_task(use_once())
+        await _until(lambda: recorder.pending == 1, "the caller to queue")
+        assert probe._others_pending(recorder, probes) == 1
+    finally:
+        answer.set()
+        await asyncio.wait_for(runner, 30)
+        if caller is not None:
+            await asyncio.wait_for(caller, 30)
+        watch.close()
+        await engine.dispose()
+    result = flight.done.result(timeout=0)
+    assert (result.status, result.error) == ("ok", None)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    give_up = time.monotonic() + 30.0
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
