@@ -273,6 +273,16 @@ async def test_a_ping_failing_after_the_deadline_ends_the_probe_without_trying_m
     assert pool.pool.checkedout() == 0
 
 
+def _launched(recorder: PoolRecorder) -> tuple[_PoolProbeState, _Flight]:
+    """A probe's state and flight as ``check_pool`` sets them up, for a test that runs the probe
+    itself (its thread or task), with a 30 s deadline."""
+    probes = _PoolProbeState()
+    flight = _Flight(probe.monotonic(), probe.monotonic() + 30.0, recorder.checkouts)
+    probes.flight = flight
+    probes.running.add(flight)
+    return probes, flight
+
+
 def test_while_the_probe_pings_a_caller_queued_behind_it_is_counted_as_waiting(
     sync_url: str, registry: CollectorRegistry, script: Callable[..., _Script]
 ) -> None:
@@ -296,10 +306,7 @@ def test_while_the_probe_pings_a_caller_queued_behind_it_is_counted_as_waiting(
         return None  # then the real ping
 
     script(slow)
-    probes = _PoolProbeState()
-    flight = _Flight(probe.monotonic(), probe.monotonic() + 30.0, recorder.checkouts)
-    probes.flight = flight
-    probes.running.add(flight)
+    probes, flight = _launched(recorder)
     runner = threading.Thread(target=probe._run_sync, args=(recorder.source, recorder, probes, flight))
     caller_done = threading.Event()
 
@@ -352,10 +359,7 @@ async def test_on_the_asyncio_path_the_probe_counts_as_queued_only_while_it_queu
         return None  # then the real ping
 
     script(slow)
-    probes = _PoolProbeState()
-    flight = _Flight(probe.monotonic(), probe.monotonic() + 30.0, recorder.checkouts)
-    probes.flight = flight
-    probes.running.add(flight)
+    probes, flight = _launched(recorder)
 
     async def use_once() -> None:
         async with engine.connect() as connection:
