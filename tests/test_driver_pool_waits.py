@@ -6,11 +6,14 @@ cancelled while waiting is a cancelled wait under its route, and a timeout is no
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import httpx
+import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -130,3 +133,63 @@ async def test_an_acquire_timeout_is_a_timeout_not_a_cancelled_wait(
         watch.close()
         await apg.close()
         await pg.close()
+
+
+def test_an_asyncpg_acquire_timeout_under_uvloop_counts_however_early_its_timer_fires(
+    postgres_url: str, registry: CollectorRegistry
+) -> None:
+    """uvloop's timers count whole milliseconds (a delay is rounded, a deadline in the millisecond
+    already begun fires at once), so an acquire timeout can fire before ``timeout`` seconds have
+    passed on a real clock: 2.4 ms is a 2 ms timer. It is a timeout all the same (uvicorn runs on
+    uvloop whenever ``uvicorn[standard]`` is installed)."""
+    import uvloop
+
+    attempts, timeout = 20, 0.0024
+
+    async def main() -> tuple[int, float]:
+        pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+        watch = poolwatch.watch(pool, registry=registry, name="uv")
+        early = 0
+        try:
+            held = await pool.acquire()
+            for _ in range(attempts):
+                started = time.perf_counter()
+                with pytest.raises(TimeoutError):
+                    await pool.acquire(timeout=timeout)
+                early += time.perf_counter() - started < timeout
+            await pool.release(held)
+            counted = scrape(registry).value("poolwatch_timeouts_total", pool="uv", route="<none>")
+        finally:
+            watch.close()
+            await pool.close()
+        return early, counted
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        early, counted = runner.run(main())
+    assert early > 0, "no timer fired early: this run did not show the situation it is about"
+    assert counted == attempts
+
+
+async def test_an_asyncpg_connect_timeout_inside_an_acquire_is_not_an_acquire_timeout(
+    registry: CollectorRegistry,
+) -> None:
+    """A server that takes the TCP connection and never answers: the connect's own timeout (0.2 s)
+    ends the acquire, whose timeout (30 s) never came. A connect error, not a timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # never accepted: the handshake completes in the backlog, nothing answers
+    port = silent.getsockname()[1]
+    pool = await asyncpg.create_pool(
+        f"postgresql://nobody@127.0.0.1:{port}/none", min_size=0, max_size=1, timeout=0.2
+    )
+    watch = poolwatch.watch(pool, registry=registry, name="silent")
+    try:
+        with pytest.raises(TimeoutError):
+            await pool.acquire(timeout=30)
+        samples = scrape(registry)
+        assert samples.value("poolwatch_timeouts_total", pool="silent", route="<none>") == 0
+        assert samples.value("poolwatch_connect_errors_total", pool="silent", error="TimeoutError") == 1
+    finally:
+        watch.close()
+        await pool.close()
+        silent.close()

@@ -31,7 +31,7 @@ from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 
 import asyncpg  # type: ignore[import-untyped]
-from asyncpg.pool import Pool  # type: ignore[import-untyped]
+from asyncpg.pool import Pool, PoolConnectionHolder  # type: ignore[import-untyped]
 
 from .._log import internal_errors
 from .._record.context import NO_REQUEST_KEY, current_request, route_label
@@ -267,10 +267,12 @@ def _watched_class(original: type[Pool], recorder: PoolRecorder, queued_holders:
         stack = borrow_stack(2) if capture_stack else None
         try:
             proxy = await base_acquire(self, timeout)
-        except TimeoutError:
-            waited = perf_counter() - started
-            # asyncpg's acquire timeout, not a connect timeout inside it (also a TimeoutError).
-            _failed_wait(recorder, started, timed_out=timeout is not None and waited >= timeout)
+        except TimeoutError as error:
+            # asyncpg's acquire timeout, not a TimeoutError from inside it (a connect's, a setup's).
+            # Decided by where it was raised, never by the clock: uvloop's timers run on a
+            # millisecond loop time cached per iteration, so the acquire timeout can fire before
+            # ``timeout`` seconds have passed on ``perf_counter``.
+            _failed_wait(recorder, started, timed_out=timeout is not None and not _from_a_holder(error))
             raise
         except BaseException as error:
             _failed_wait(recorder, started, timed_out=False)
@@ -468,6 +470,21 @@ def _unwatch_connection(connection: Any, recorder: PoolRecorder) -> None:
     if callbacks is not None:
         connection.remove_query_logger(callbacks[0])
         connection.remove_termination_listener(callbacks[1])
+
+
+# Everything an acquire does inside its timeout (connect, ``init``, ``setup``) runs under this.
+_HOLDER_ACQUIRE = PoolConnectionHolder.acquire.__code__
+
+
+def _from_a_holder(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside asyncpg's ``PoolConnectionHolder.acquire``: by a connect
+    or a callback, not by the acquire's own timeout, which asyncpg raises above the holder."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code is _HOLDER_ACQUIRE:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _failed_wait(recorder: PoolRecorder, started: float, *, timed_out: bool) -> None:
