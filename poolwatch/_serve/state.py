@@ -128,13 +128,13 @@ class StateBuilder:
                 fixed, lasting = _fixed_fragment(entry)
                 if lasting:
                     fragments[key] = (entry, fixed)
-            # The dialect hook's running count, once the capture side keeps one (a trailing field).
-            counts = "null,null"
-            if len(entry) > 7:
-                usage = entry[7]
-                counts = f"{int(usage[0])},{int(usage[1] * 1000)}"
+            # The statements so far and their time, as the statement timer keeps them (usage).
+            usage = entry[7]
             life = _connection_life(entry, now, now_wall)
-            add(f"[{int(age * 1000)},{fixed},{counts},{_JSON_BOOL[age > threshold]},{life}]")
+            add(
+                f"[{int(age * 1000)},{fixed},{int(usage[0])},{int(usage[1] * 1000)},"
+                f"{_JSON_BOOL[age > threshold]},{life}]"
+            )
         self._rows[recorder] = fragments
         return len(entries), rows, oldest, leaked_count
 
@@ -360,7 +360,7 @@ def _connection_life(entry: tuple[Any, ...], now: float, now_wall: float) -> str
     taken before its response started, the time since it started. ``null`` where unknown."""
     record = entry[5]
     if isinstance(record, int):  # a pool sharing records keys checkouts by their proxy's id
-        fairy = entry[2]() if entry[2] is not None else None
+        fairy = entry[2]()  # such an entry always holds a weak reference to its proxy
         record = getattr(fairy, "_connection_record", None)
     started = getattr(record, "starttime", None)
     age = "null"
@@ -368,7 +368,7 @@ def _connection_life(entry: tuple[Any, ...], now: float, now_wall: float) -> str
         age = str(max(0, int((now_wall - started) * 1000)))
     uses = getattr(record, "_poolwatch_uses", None)
     uses_text = str(uses) if isinstance(uses, int) else "null"
-    in_transaction = int(idle_in_transaction(entry[7], now) * 1000) if len(entry) > 7 else "null"
+    in_transaction = int(idle_in_transaction(entry[7], now) * 1000)
     request: RequestContext | None = entry[1]
     after = "null"
     if request is not None and request.response_started and request.response_started_at > entry[0]:

@@ -1,23 +1,26 @@
 """The live page's JSON for one pool, block by block and compared whole: ``now``, ``window``,
 ``kept``, ``sizing``, ``history``, ``history_long``, ``connections`` and the routes ranked by
-connection time.
+connection time and by queries.
 
 Every number is known: one clock stands in for ``perf_counter`` where checkouts are stamped and
 where the page reads (and another for the wall clock), the pool's rows are the test's own (305 of
 them, 2 s each: five long rows, five rows filling the sixth, and a recent ring of 300 that leaves the
 five oldest rows out of the window but not out of what is kept), and the checkouts are taken by hand
-at set times. So a block that reads the wrong row, rounds to the wrong digit or mixes the window up
-with what is kept gives a different JSON.
+at set times. The numbers carry more digits than the page shows. So a block that reads the wrong
+row, rounds to the wrong digit or mixes the window up with what is kept gives a different JSON.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -28,7 +31,8 @@ from poolwatch._record import intervals as intervals_module
 from poolwatch._record import recorder as recorder_module
 from poolwatch._record.context import NO_REQUEST, RequestContext, current_request
 from poolwatch._record.events import LeakDetected, shown_path
-from poolwatch._record.intervals import LONG_ROW_INTERVALS, RECENT_ROWS, PoolIntervals, Row, sampler
+from poolwatch._record.intervals import LONG_ROW_INTERVALS, RECENT_ROWS, PoolIntervals, Row
+from poolwatch._record.recorder import PoolRecorder
 from poolwatch._record.requests import RequestStats
 from poolwatch._serve import state as state_module
 from poolwatch._serve.sizing import Window, advise
@@ -38,6 +42,8 @@ INTERVAL = 2.0
 ROWS = RECENT_ROWS + 5
 WALL = 1_800_000_000.25
 THRESHOLD = 15.0
+NOW = 1030.7654  # the read: 0.7654 s into the interval under way
+BOUNDS = (0.001, 0.0123457)  # the wait histogram's bounds here: three buckets
 
 
 @dataclass
@@ -48,6 +54,17 @@ class Clock:
         return self.now
 
 
+@dataclass
+class Sampler:
+    """Stands in for the interval sampler: the rows it keeps are the test's own."""
+
+    interval: float
+    pools: dict[PoolRecorder, PoolIntervals]
+
+    def of(self, recorder: PoolRecorder) -> PoolIntervals | None:
+        return self.pools.get(recorder)
+
+
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
@@ -55,6 +72,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
         monkeypatch.setattr(module, "perf_counter", clock)
     monkeypatch.setattr(state_module, "time", types.SimpleNamespace(time=lambda: WALL))
     return clock
+
+
+@pytest.fixture
+def sampler(monkeypatch: pytest.MonkeyPatch) -> Sampler:
+    sampler = Sampler(INTERVAL, {})
+    monkeypatch.setattr(state_module, "sampler", sampler)
+    return sampler
 
 
 @pytest.fixture
@@ -70,32 +94,46 @@ def engine(sync_url: str) -> Iterator[sa.Engine]:
 def _row(n: int) -> Row:
     """Row n of ROWS, ending at 1030 - 2 * (ROWS - 1 - n): the last one where the pool's intervals
     begin. The five oldest (outside the recent ring) hold the history's extremes: a timeout, a peak
-    of 5 and 2 callers queued; inside the window the peak is 3 and nobody queued, but for a wait in
-    the second bucket every 50th row."""
+    of 5 and 2 callers queued; inside the window the peak is 3 and nobody queued, but for three
+    waits every 50th row (two in the first bucket, one in the second)."""
     old = n < ROWS - RECENT_ROWS
     return Row(
         end=1030.0 - INTERVAL * (ROWS - 1 - n),
         seconds=INTERVAL,
         intervals=1,
-        used=n % 3,
+        used=n % 7,
         idle=4 - n % 3,
         peak_used=5 if old else n % 4,
         peak_queued=2 if old else 0,
         checkouts=n % 7,
         timeouts=1 if n == 2 else 0,
         held=(n % 5) / 4,
-        waits=(0, 3, 0) if n % 50 == 0 else (),
+        waits=(2, 1, 0) if n % 50 == 0 else (),
     )
 
 
-def _with_request(route: str, method: str) -> Any:
+def _request(route: str, method: str) -> RequestContext:
     request = RequestContext({"type": "http", "method": method})
     request.resolved_route = route
-    return current_request.set(request)
+    return request
+
+
+def _connect(engine: sa.Engine, request: RequestContext | None = None) -> tuple[sa.Connection, int]:
+    """A connection taken in ``request`` (none: outside any), and the line that took it (the site
+    its row names, in this function)."""
+    token = current_request.set(request)
+    try:
+        frame = inspect.currentframe()
+        assert frame is not None
+        line = frame.f_lineno + 1
+        connection = engine.connect()
+    finally:
+        current_request.reset(token)
+    return connection, line
 
 
 def _hold(engine: sa.Engine, clock: Clock, route: str, method: str, seconds: float) -> None:
-    token = _with_request(route, method)
+    token = current_request.set(_request(route, method))
     try:
         with engine.connect():
             clock.now += seconds
@@ -103,38 +141,51 @@ def _hold(engine: sa.Engine, clock: Clock, route: str, method: str, seconds: flo
         current_request.reset(token)
 
 
-def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registry: CollectorRegistry) -> None:
+def _pools(watch: Any) -> Any:
+    return zip(watch.pool_names, watch.recorders, strict=True)
+
+
+def _usage(recorder: PoolRecorder, connection: sa.Connection) -> list[float]:
+    record = connection.connection._connection_record
+    usage: list[float] = recorder.open_checkouts[record][7]
+    return usage
+
+
+def test_every_block_of_a_pool_is_exact(
+    engine: sa.Engine, clock: Clock, sampler: Sampler, registry: CollectorRegistry
+) -> None:
     watch = poolwatch.watch(engine, registry=registry, name="blocks", leak_threshold_seconds=THRESHOLD)
     (recorder,) = watch.recorders
-    sampler.discard(recorder)  # the rows are the test's own: no sampler thread adds any
-    recorder.wait.bounds = (0.01, 0.1)  # three buckets, as the rows' waits have
+    recorder.wait.bounds = BOUNDS
     recorder.wait.counts = [0, 0, 0]
-    held: list[Any] = []
+    held: list[sa.Connection] = []
     try:
-        # Holds per route, in seconds exact in binary: /a 3 s; /b 0.5 s by GET and 0.5 s by POST;
-        # /c 1.25 s.
+        # Holds per route: /a 3.0007 s; /b 0.5 s by GET and 0.3333333 s by POST; /c 1.25 s.
         for route, method, seconds in (
-            ("/a", "GET", 3.0),
+            ("/a", "GET", 3.0007),
             ("/b", "GET", 0.5),
             ("/c", "GET", 1.25),
-            ("/b", "POST", 0.5),
+            ("/b", "POST", 0.3333333),
         ):
             _hold(engine, clock, route, method, seconds)
         clock.now = 1010.0
-        held.append(engine.connect())
-        first_line = _lineno() - 1
+        first, first_line = _connect(engine)
+        held.append(first)
+        # Three statements so far, 1.5 s inside them, 2.5 s idle inside a transaction.
+        _usage(recorder, first)[:3] = [3, 1.5, 2.5]
         clock.now = 1020.0
-        held.append(engine.connect())
-        second_line = _lineno() - 1
+        streaming = _request("/stream", "GET")
+        second, second_line = _connect(engine, streaming)
+        held.append(second)
+        clock.now = 1025.0
+        streaming.response_started, streaming.response_started_at = True, 1025.0
         clock.now = 1030.0
-        intervals = PoolIntervals(recorder, INTERVAL)
+        intervals = sampler.pools[recorder] = PoolIntervals(recorder, INTERVAL)
         rows = [_row(n) for n in range(ROWS)]
         for row in rows:
             intervals.add(row)
-        builder = StateBuilder()
-        builder._unsampled[recorder] = intervals
-        clock.now = 1030.7
-        state = json.loads(builder.build(zip(watch.pool_names, watch.recorders, strict=True), None))
+        clock.now = NOW
+        state = json.loads(StateBuilder().build(_pools(watch), None))
         records = [connection.connection._connection_record for connection in held]
     finally:
         for connection in held:
@@ -142,11 +193,13 @@ def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registr
         watch.close()
 
     (pool,) = state["pools"]
+    b_seconds = 0.5 + 0.3333333
     assert state["routes_by_connection_time"] == [
-        {"route": "/a", "connection_seconds": 3.0, "checkouts": 1, "mean_hold_seconds": 3.0},
+        {"route": "/a", "connection_seconds": 3.001, "checkouts": 1, "mean_hold_seconds": 3.0007},
         {"route": "/c", "connection_seconds": 1.25, "checkouts": 1, "mean_hold_seconds": 1.25},
-        {"route": "/b", "connection_seconds": 1.0, "checkouts": 2, "mean_hold_seconds": 0.5},
+        {"route": "/b", "connection_seconds": 0.833, "checkouts": 2, "mean_hold_seconds": 0.416667},
     ]
+    assert round(b_seconds / 2, 6) == 0.416667
 
     assert pool["now"] == {
         "used": 2,
@@ -154,26 +207,28 @@ def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registr
         "max": 5,
         "overflow": 0,
         "pending": 0,
-        "oldest_checkout_seconds": 20.7,
-        "leaked": 1,  # 20.7 s out against a threshold of 15; the other 10.7 s
+        "oldest_checkout_seconds": 20.765,
+        "leaked": 1,  # 20.77 s out against a threshold of 15; the other 10.77 s
     }
 
-    # The window: the 300 recent rows and the 0.7 s under way (two checkouts out: 1.4 held).
+    # The window: the 300 recent rows and the 0.7654 s under way, with two checkouts out.
     recent = rows[-RECENT_ROWS:]
-    seconds = RECENT_ROWS * INTERVAL + 0.7
+    under_way = NOW - 1030.0
+    seconds = RECENT_ROWS * INTERVAL + under_way
     checkouts = sum(row.checkouts for row in recent)
-    held_seconds = sum(row.held for row in recent) + 1.4
-    # 6 rows with 3 waits each in the second bucket (0.01-0.1 s): rank 0.95 * 18 = 17.1 of 18.
-    wait_p95 = 0.01 + 0.09 * 17.1 / 18
+    held_seconds = sum(row.held for row in recent) + 2 * under_way
+    # 6 rows with waits: 12 in the first bucket, 6 in the second; rank 0.95 * 18 = 17.1 is 5.1 of
+    # the second bucket's 6.
+    wait_p95 = BOUNDS[0] + (BOUNDS[1] - BOUNDS[0]) * 5.1 / 6
     mean_used = sum(row.used for row in recent) / RECENT_ROWS
     assert pool["window"] == {
-        "seconds": round(seconds, 1),
-        "since_seconds_ago": round(seconds, 1),
+        "seconds": 600.8,
+        "since_seconds_ago": 600.8,
         "interval_seconds": INTERVAL,
         "intervals": RECENT_ROWS,
         "checkouts": checkouts,
         "timeouts": 0,
-        "wait_p95_seconds": round(wait_p95, 6),
+        "wait_p95_seconds": 0.010644,
         "checkout_rate_per_second": round(checkouts / seconds, 3),
         "mean_hold_seconds": round(held_seconds / checkouts, 6),
         "mean_in_use": round(held_seconds / seconds, 3),
@@ -182,15 +237,11 @@ def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registr
         "peak_used": 3,
         "max_pending": 0,
     }
-    assert (round(seconds, 1), round(wait_p95, 6)) == (600.7, 0.0955)
+    assert round(wait_p95, 6) == 0.010644
+    assert round(mean_used, 3) != round(mean_used, 4)  # the digits shown are the page's own
 
     # What is kept: every row (the five oldest too) and the interval under way.
-    assert pool["kept"] == {
-        "seconds": round(ROWS * INTERVAL + 0.7, 1),
-        "peak_used": 5,
-        "max_pending": 2,
-        "timeouts": 1,
-    }
+    assert pool["kept"] == {"seconds": 610.8, "peak_used": 5, "max_pending": 2, "timeouts": 1}
 
     window = Window(
         seconds=seconds,
@@ -203,7 +254,7 @@ def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registr
         peak_used=3,
         max_pending=0,
         mean_used=mean_used,
-        kept_seconds=ROWS * INTERVAL + 0.7,
+        kept_seconds=ROWS * INTERVAL + under_way,
         kept_peak_used=5,
         kept_max_pending=2,
         kept_timeouts=1,
@@ -213,8 +264,8 @@ def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registr
     assert pool["sizing"] == {"verdict": sizing.verdict, "reason": sizing.reason, "suggested_max": None}
 
     # The recent series: one point per recent row, then the interval under way (0 s ago).
-    ages = [int(1030.7 - row.end + 0.5) for row in recent]
-    assert ages[-1] == 1 and ages[0] == 599  # 0.7 s and 598.7 s ago, to the nearest second
+    ages = [int(NOW - row.end + 0.5) for row in recent]
+    assert ages[-1] == 1 and ages[0] == 599  # 0.77 s and 598.77 s ago, to the nearest second
     assert pool["history"] == {
         "seconds_ago": [*ages, 0],
         "used": [*(row.used for row in recent), 2],
@@ -227,11 +278,11 @@ def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registr
     # interval under way.
     long_rows = [rows[start : start + LONG_ROW_INTERVALS] for start in range(0, 300, LONG_ROW_INTERVALS)]
     filling = rows[300:]
-    filling_held = sum(row.held for row in filling) + 1.4
-    filling_seconds = len(filling) * INTERVAL + 0.7
+    filling_held = sum(row.held for row in filling) + 2 * under_way
+    filling_seconds = len(filling) * INTERVAL + under_way
     assert pool["history_long"] == {
         "row_seconds": LONG_ROW_INTERVALS * INTERVAL,
-        "seconds_ago": [*(int(1030.7 - group[-1].end + 0.5) for group in long_rows), 0],
+        "seconds_ago": [*(int(NOW - group[-1].end + 0.5) for group in long_rows), 0],
         "peak_used": [*(max(row.peak_used for row in group) for group in long_rows), 3],
         "peak_pending": [*(max(row.peak_queued for row in group) for group in long_rows), 0],
         "mean_in_use": [
@@ -249,35 +300,141 @@ def test_every_block_of_a_pool_is_exact(engine: sa.Engine, clock: Clock, registr
     assert pool["connections_out"] == 2
     assert pool["connection_fields"] == list(CONNECTION_FIELDS)
     site = shown_path(__file__)
-    rows_out = [dict(zip(CONNECTION_FIELDS, row, strict=True)) for row in pool["connections"]]
-    assert rows_out == [
+    function = "_connect"
+    assert [dict(zip(CONNECTION_FIELDS, row, strict=True)) for row in pool["connections"]] == [
         {
-            "age_ms": age_ms,
+            "age_ms": 20765,
             "method": NO_REQUEST,
             "route": NO_REQUEST,
-            "site": f"{site}:{line}",
-            "function": "test_every_block_of_a_pool_is_exact",
+            "site": f"{site}:{first_line}",
+            "function": function,
+            "statements": 3,
+            "statement_ms": 1500,
+            "leaked": True,
+            "connection_age_ms": int((WALL - records[0].starttime) * 1000),
+            "uses": 5,  # the connection the four holds used before
+            "idle_in_transaction_ms": 2500,
+            "after_response_ms": None,
+        },
+        {
+            "age_ms": 10765,
+            "method": "GET",
+            "route": "/stream",
+            "site": f"{site}:{second_line}",
+            "function": function,
             "statements": 0,
             "statement_ms": 0,
-            "leaked": leaked,
-            "connection_age_ms": int((WALL - record.starttime) * 1000),
-            "uses": uses,
+            "leaked": False,
+            "connection_age_ms": int((WALL - records[1].starttime) * 1000),
+            "uses": 1,
             "idle_in_transaction_ms": 0,
-            "after_response_ms": None,
-        }
-        for age_ms, line, leaked, record, uses in (
-            (20700, first_line, True, records[0], 5),
-            (10700, second_line, False, records[1], 1),
-        )
+            "after_response_ms": 5765,  # taken before its response started at 1025
+        },
     ]
 
 
-def _lineno() -> int:
-    import inspect
+def test_the_edges_of_a_checkouts_row(
+    engine: sa.Engine,
+    clock: Clock,
+    sampler: Sampler,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two checkouts taken at the same instant keep the order they were taken in; a checkout out
+    exactly as long as the leak threshold is not leaked yet; one taken the instant its response
+    started did not outlive the start; a response that started just now is 0 ms ago; and a wall
+    clock set back behind a connection's birth gives it an age of 0, never a negative one."""
+    monkeypatch.setattr(state_module, "time", types.SimpleNamespace(time=lambda: 1000.0))
+    watch = poolwatch.watch(engine, registry=registry, name="edges", leak_threshold_seconds=10)
+    clock.now = 100.0
+    same_instant = _request("/same", "GET")
+    later = _request("/later", "POST")
+    first, _ = _connect(engine)
+    second, _ = _connect(engine, same_instant)
+    same_instant.response_started, same_instant.response_started_at = True, 100.0
+    clock.now = 105.0
+    third, _ = _connect(engine, later)
+    clock.now = 110.0
+    later.response_started, later.response_started_at = True, 110.0
+    try:
+        state = json.loads(StateBuilder().build(_pools(watch), None))
+    finally:
+        for connection in (first, second, third):
+            connection.close()
+        watch.close()
+    (pool,) = state["pools"]
+    assert pool["now"]["leaked"] == 0 and pool["now"]["oldest_checkout_seconds"] == 10.0
+    rows = [dict(zip(CONNECTION_FIELDS, row, strict=True)) for row in pool["connections"]]
+    assert [
+        (row["age_ms"], row["route"], row["leaked"], row["connection_age_ms"], row["after_response_ms"])
+        for row in rows
+    ] == [
+        (10000, NO_REQUEST, False, 0, None),
+        (10000, "/same", False, 0, None),
+        (5000, "/later", False, 0, 0),
+    ]
 
-    frame = inspect.currentframe()
-    assert frame is not None and frame.f_back is not None
-    return frame.f_back.f_lineno
+
+def test_a_pool_nobody_samples_starts_its_own_rows_at_the_samplers_interval(
+    engine: sa.Engine, clock: Clock, sampler: Sampler, registry: CollectorRegistry
+) -> None:
+    """A recorder the sampler does not know (its engine released from it) gets rows of its own,
+    kept between reads: the window is the interval under way, of the sampler's length."""
+    watch = poolwatch.watch(engine, registry=registry, name="unsampled")
+    builder = StateBuilder()
+    try:
+        clock.now = 2000.0
+        first = json.loads(builder.build(_pools(watch), None))
+        clock.now = 2003.25
+        second = json.loads(builder.build(_pools(watch), None))
+    finally:
+        watch.close()
+    for state, seconds in ((first, 0.0), (second, 3.2)):  # 3.25 s since the first read's rows began
+        (pool,) = state["pools"]
+        window = pool["window"]
+        assert (window["seconds"], window["interval_seconds"], window["intervals"]) == (seconds, INTERVAL, 0)
+        assert pool["now"]["oldest_checkout_seconds"] == 0.0  # nothing out
+
+
+def test_a_pool_whose_engine_is_gone_says_its_class_is_unknown(
+    engine: sa.Engine, sampler: Sampler, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that meets a recorder whose engine was collected (the source holds it weakly)."""
+
+    class Collected:
+        pass
+
+    collected = Collected()
+    dead = weakref.ref(collected)
+    del collected
+    watch = poolwatch.watch(engine, registry=registry, name="gone")
+    try:
+        (recorder,) = watch.recorders
+        monkeypatch.setattr(recorder.source, "_engine_ref", dead)
+        assert recorder.pool is None
+        (pool,) = json.loads(StateBuilder().build(_pools(watch), None))["pools"]
+    finally:
+        watch.close()
+    assert (pool["pool_class"], pool["now"]["max"], pool["connections_out"]) == ("unknown", None, 0)
+
+
+def test_a_cached_checkout_row_is_used_only_for_the_very_checkout_it_was_made_for(
+    engine: sa.Engine, clock: Clock, sampler: Sampler, registry: CollectorRegistry
+) -> None:
+    watch = poolwatch.watch(engine, registry=registry, name="rows")
+    (recorder,) = watch.recorders
+    connection, _ = _connect(engine, _request("/now", "GET"))
+    builder = StateBuilder()
+    try:
+        (entry,) = list(recorder.open_checkouts.values())
+        gone = (entry[0], _request("/gone", "GET"), *entry[2:])
+        builder._rows[recorder] = {id(entry): (gone, '"GET","/gone","old.py:1","old"')}
+        (pool,) = json.loads(builder.build(_pools(watch), None))["pools"]
+    finally:
+        connection.close()
+        watch.close()
+    (row,) = pool["connections"]
+    assert row[CONNECTION_FIELDS.index("route")] == "/now"
 
 
 def test_routes_by_queries_are_exact_and_ranked_by_queries_per_request(
@@ -306,10 +463,13 @@ def test_routes_by_queries_are_exact_and_ranked_by_queries_per_request(
 
 
 def test_the_head_says_when_and_over_what_window(
-    engine: sa.Engine, clock: Clock, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+    engine: sa.Engine,
+    clock: Clock,
+    sampler: Sampler,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(state_module, "time", types.SimpleNamespace(time=lambda: 1_800_000_000.123456))
-    monkeypatch.setattr(sampler, "interval", INTERVAL)
     watch = poolwatch.watch(engine, registry=registry, name="head")
     try:
         state = json.loads(StateBuilder().build(zip(watch.pool_names, watch.recorders, strict=True), None))
@@ -351,3 +511,50 @@ def test_the_site_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_quantile_that_ends_exactly_on_a_bucket_is_its_bound_like_prometheus() -> None:
     # Rank 1 of 2 is the first bucket's whole: its upper bound, not the next non-empty bucket's.
     assert quantile(0.5, (1.0, 2.0, 3.0), [1, 0, 1, 0]) == 1.0
+
+
+async def test_a_driver_pools_row_has_no_connection_age_or_uses_to_tell(
+    postgres_url: str, registry: CollectorRegistry
+) -> None:
+    """asyncpg's connection holders carry neither SQLAlchemy's opening stamp nor a use count: null,
+    never a made-up number or a failed read."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    watch = poolwatch.watch(pool, registry=registry, name="apg")
+    try:
+        async with pool.acquire():
+            (state,) = json.loads(StateBuilder().build(_pools(watch), None))["pools"]
+    finally:
+        watch.close()
+        await pool.close()
+    (row,) = state["connections"]
+    named = dict(zip(CONNECTION_FIELDS, row, strict=True))
+    assert (named["connection_age_ms"], named["uses"], named["idle_in_transaction_ms"]) == (None, None, 0)
+
+
+def test_a_shared_records_row_whose_proxy_is_already_collected_says_null(
+    sampler: Sampler, registry: CollectorRegistry
+) -> None:
+    """StaticPool's rows reach the record through the checkout's proxy, held weakly: a read that
+    meets the entry just as the proxy is collected has no record to read."""
+
+    class Collected:
+        pass
+
+    collected = Collected()
+    dead = weakref.ref(collected)
+    del collected
+    engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    watch = poolwatch.watch(engine, registry=registry, name="static")
+    (recorder,) = watch.recorders
+    try:
+        with engine.connect():
+            ((key, entry),) = list(recorder.open_checkouts.items())
+            cast(dict[Any, Any], recorder.open_checkouts)[key] = (*entry[:2], dead, *entry[3:])
+            (pool,) = json.loads(StateBuilder().build(_pools(watch), None))["pools"]
+            recorder.open_checkouts[key] = entry
+    finally:
+        watch.close()
+        engine.dispose()
+    (row,) = pool["connections"]
+    named = dict(zip(CONNECTION_FIELDS, row, strict=True))
+    assert (named["connection_age_ms"], named["uses"]) == (None, None)
