@@ -1,9 +1,9 @@
 """When, where and on which connection poolwatch asks the server for its connection limit.
 
 ``ensure_read(recorder)`` is the one entry point. It returns at once: when a read is due and the
-pool has idle connections to spare, it starts one in the background and never waits for it. Callers
-(``/health/db`` after its answer, a scrape) may call it as often as they like; at most one read
-per pool runs at a time.
+pool has idle connections to spare, it starts one in the background and never waits for it. Its
+caller (``/health/db``, after working out its answer) may call it as often as it likes; at most one
+read per pool runs at a time.
 
 Why apart from the health probe: a read inside the probe's deadline made the probe late over a slow
 link (80 ms round trips: the probe answered 503 and its cancelled checkout threw a warm connection
