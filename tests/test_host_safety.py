@@ -67,6 +67,37 @@ def test_disposing_a_copy_leaves_the_original_pool_alone(sync_url: str, registry
     engine.dispose()
 
 
+def test_a_copy_disposed_then_watched_before_its_first_checkout_counts_its_own(
+    sync_url: str, registry: CollectorRegistry
+) -> None:
+    """The copy's new pool still waits for its first checkout to tell whose it is when the copy is
+    watched itself: each engine then counts its own checkouts, and the copy's work never fails
+    (its hooks once took the waiting wrapper for SQLAlchemy's ``connect``: a RecursionError)."""
+    engine = sa.create_engine(sync_url, pool_size=1)
+    watch = poolwatch.watch(engine, registry=registry, name="orig")
+    duplicate = copy.copy(engine)
+    duplicate.dispose()
+    other = poolwatch.watch(duplicate, registry=registry, name="copy")
+    try:
+        for _ in range(2):
+            with duplicate.connect() as connection:
+                assert connection.execute(sa.text("SELECT 1")).scalar() == 1
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        duplicate.dispose()  # the copy's own dispose: its next pool is still its own
+        with duplicate.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        samples = scrape(registry)
+        assert samples.value("poolwatch_checkouts_total", pool="copy") == 3
+        assert samples.value("poolwatch_checkouts_total", pool="orig") == 1
+        assert recorder_of(duplicate.pool) is not recorder_of(engine.pool)
+    finally:
+        other.close()
+        watch.close()
+        duplicate.dispose()
+        engine.dispose()
+
+
 def test_execution_options_engine_is_the_same_pool_counted_once(
     sync_url: str, registry: CollectorRegistry
 ) -> None:

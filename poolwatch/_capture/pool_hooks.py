@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 K = TypeVar("K")
 _MARK = "_poolwatch_recorder"
 _WRAPPED = ("connect", "_do_return_conn", "_close_connection", "recreate")
+# The wrappers a pool carries until its first checkout settles which engine kept it.
+_ADOPTING = "_poolwatch_adopting"
+_ADOPTING_NAMES = ("connect", "recreate")
 # Pools that hand one connection record to several checkouts at once (StaticPool to everyone,
 # SingletonThreadPool to every connect on a thread): their checkouts are told apart by the
 # connection proxy (the "fairy"), not by the record.
@@ -58,6 +61,12 @@ def hook_pool(pool: Pool, recorder: PoolRecorder) -> None:
         return
     if getattr(pool, _MARK, None) is not None:
         unhook_pool(pool)
+    # A pool another recorder waits to adopt (a copy's pool, made by a watched engine's
+    # ``recreate()``) drops that wait: its originals are the class's own methods, never the
+    # adoption wrapper, which would call the hooks back and they it.
+    for name in _ADOPTING_NAMES:
+        if getattr(pool.__dict__.get(name), _ADOPTING, False):
+            del pool.__dict__[name]
 
     original_connect = pool.connect
     original_return = pool._do_return_conn
@@ -467,6 +476,8 @@ def _adopt_on_first_use(pool: Pool, recorder: PoolRecorder) -> None:
         # Disposed again before any checkout: the question passes on to the next pool.
         return _recreate_and_adopt(lambda: type(pool).recreate(pool), recorder)
 
+    setattr(connect, _ADOPTING, True)
+    setattr(recreate, _ADOPTING, True)
     pool.connect = connect  # type: ignore[method-assign]
     pool.recreate = recreate  # type: ignore[method-assign]
 
