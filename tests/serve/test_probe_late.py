@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
+from sqlalchemy.util import await_only
 
 import poolwatch
 from poolwatch._log import InternalErrors, internal_errors
@@ -353,3 +354,128 @@ async def test_a_full_pool_that_moved_since_the_last_check_is_ok_at_once(
     finally:
         watch.close()
         engine.dispose()
+
+
+# -- a probe cancelled while it pings, and the tries at the deadline instant ---------------------
+
+
+async def test_a_probe_cancelled_while_pinging_drops_the_connection_and_says_timeout(
+    make_pool: Callable[[str, int], _Pool], script: Callable[..., _Script], clock: _Clock
+) -> None:
+    """The ping hangs; the probe's task is cancelled before the clock reaches its deadline (uvloop's
+    millisecond timers may fire a hair early): the verdict is down, ``timeout``, as of the cancel,
+    and the connection it was pinging is dropped, never left checked out."""
+    pool = make_pool("asyncpg", 2)
+    await pool.fill(1)
+    recorder = pool.recorder
+    probes, flight = _in_flight(recorder, clock.now, 5.0)
+    pinging = asyncio.Event()
+
+    def hang(n: int) -> None:
+        pinging.set()
+        await_only(asyncio.Event().wait())  # never answers
+
+    script(hang)
+    disconnects = recorder.disconnects
+    task = asyncio.create_task(probe._run_async(recorder.source, recorder, probes, flight))
+    await asyncio.wait_for(pinging.wait(), 30)
+    clock.now += 1.0  # still before the deadline
+    task.cancel()
+    await asyncio.wait_for(task, 30)  # the probe's task ends on its own: no error escapes it
+    assert flight.done.result(timeout=0) == ProbeResult("down", None, "timeout", clock.now)
+    assert pool.pool.checkedout() == 0
+    assert recorder.disconnects == disconnects + 1
+    assert probes.flight is None and probes.running == set()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_ping_failing_exactly_at_the_deadline_is_the_last_try(
+    make_pool: Callable[[str, int], _Pool], script: Callable[..., _Script], clock: _Clock, driver: str
+) -> None:
+    """Idle connections left to try, but the pooled connection's ping fails at the deadline
+    instant: no other is tried, and the verdict, on time, names the ping's error."""
+    pool = make_pool(driver, 3)
+    await pool.fill(3)
+    recorder = pool.recorder
+    probes, flight = _in_flight(recorder, clock.now, 5.0)
+
+    def at_the_deadline(n: int) -> bool:
+        clock.now = flight.deadline_at
+        return _fail(n)
+
+    answers = script(at_the_deadline)
+    result = await _run(pool, probes, flight)
+    assert result == ProbeResult("down", None, "ScriptedPingError", flight.deadline_at)
+    assert answers.pings == 1
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_failed_read_of_the_idle_count_still_gives_the_probe_its_two_tries(
+    make_pool: Callable[[str, int], _Pool],
+    script: Callable[..., _Script],
+    clock: _Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    driver: str,
+) -> None:
+    """Reading the pool's state for the number of tries fails (poolwatch's own bug): counted, and
+    the probe tries two connections as it would with none idle; the second answers."""
+    pool = make_pool(driver, 3)
+    await pool.fill(2)
+    recorder = pool.recorder
+    probes, flight = _in_flight(recorder, clock.now, 5.0)
+    fault = RuntimeError("poolwatch's own bug")
+    recorded = _Recorded()
+
+    def broken_read(recorder: PoolRecorder) -> Any:
+        raise fault
+
+    monkeypatch.setattr(probe, "read_state", broken_read)
+    monkeypatch.setattr(probe, "internal_errors", recorded)
+    answers = script(lambda n: _fail(n) if n == 0 else None)
+    result = await _run(pool, probes, flight)
+    assert (result.status, result.error) == ("ok", None)
+    assert answers.pings == 2
+    assert recorded.calls == [("probe_attempts", fault)]
+
+
+async def test_a_full_pool_whose_own_probe_is_due_exactly_now_is_judged_as_late(
+    make_pool: Callable[[str, int], _Pool], clock: _Clock
+) -> None:
+    """Every slot taken, the last by our own probe, queued, and its deadline is this very instant:
+    the answer is that probe's timeout, as of its deadline."""
+    pool = make_pool("asyncpg", 1)
+    recorder = pool.recorder
+    probes, flight = _in_flight(recorder, clock.now, 5.0)
+    clock.now = flight.deadline_at
+    result = await probe._full_pool_result(recorder, probes, clock.now, 10.0, 10.0)
+    assert result == ProbeResult("down", None, "timeout", flight.deadline_at)
+    with probes.lock:
+        probes.flight = None
+        probes.running.clear()
+
+
+class _Interrupt(BaseException):
+    """Not an Exception: what reaches a thread as KeyboardInterrupt or SystemExit would."""
+
+
+async def test_a_sync_probe_interrupted_while_pinging_drops_the_connection_and_passes_it_on(
+    make_pool: Callable[[str, int], _Pool], script: Callable[..., _Script], clock: _Clock
+) -> None:
+    """An interrupt inside the ping is not the probe's to swallow: it goes on up the probe's
+    thread, the verdict is settled on the way (down), and the connection is dropped, never left
+    checked out."""
+    pool = make_pool("psycopg", 2)
+    await pool.fill(1)
+    recorder = pool.recorder
+    probes, flight = _in_flight(recorder, clock.now, 5.0)
+
+    def interrupted(n: int) -> bool:
+        raise _Interrupt
+
+    script(interrupted)
+    disconnects = recorder.disconnects
+    with pytest.raises(_Interrupt):
+        await asyncio.to_thread(probe._run_sync, recorder.source, recorder, probes, flight)
+    assert flight.done.result(timeout=0).status == "down"
+    assert pool.pool.checkedout() == 0
+    assert recorder.disconnects == disconnects + 1
