@@ -74,6 +74,7 @@ for group in "${groups[@]}"; do
         tests/test_held_idle_and_failures.py tests/test_held_idle_database_time.py
         tests/record/test_copies.py tests/record/test_failed_statements.py
         tests/record/test_failed_statement_usage.py tests/test_acquires_and_closings.py
+        tests/record/test_dialect_counts.py
         tests/test_idle_in_transaction.py tests/test_response_holds.py tests/test_pool_counts.py
       )
       ;;
