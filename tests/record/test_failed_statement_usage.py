@@ -466,3 +466,26 @@ def test_checkouts_of_no_time_fall_in_the_first_bucket_of_every_histogram(
             assert (first, samples.total(f"{histogram}_count", pool="instant")) == (2, 2), histogram
     finally:
         watch.close()
+
+
+def test_idle_between_statements_of_one_transaction_adds_up_exactly(
+    engine: sa.Engine, clock: Clock, registry: CollectorRegistry
+) -> None:
+    """Successful statements close the stretch idle in the transaction before them and open the
+    next where they end: 2 s, then 4 s more, and the statements' own time never counts."""
+    _statements_take(engine, clock, {"SELECT 1": 0.5, "SELECT 2": 0.25, "SELECT 3": 0.125})
+    watch = poolwatch.watch(engine, registry=registry, name="stretches", leak_threshold_seconds=0)
+    (recorder,) = watch.recorders
+    try:
+        with engine.connect() as connection:  # out at 1000
+            connection.exec_driver_sql("SELECT 1")  # 1000 to 1000.5; autobegin
+            assert _usage(recorder) == [1, 0.5, 0.0, START + 0.5, 0.5]
+            clock.now += 2.0
+            connection.exec_driver_sql("SELECT 2")  # 1002.5 to 1002.75
+            assert _usage(recorder) == [2, 0.75, 2.0, START + 2.75, 0.75]
+            clock.now += 4.0
+            connection.exec_driver_sql("SELECT 3")  # 1006.75 to 1006.875
+            assert _usage(recorder) == [3, 0.875, 6.0, START + 6.875, 0.875]
+            connection.rollback()
+    finally:
+        watch.close()
