@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,12 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 import poolwatch
 import poolwatch._capture.psycopg_pool as psycopg_hooks
 import poolwatch._guard as guard_module
-from poolwatch._guard import ConnectionLeaked, Leak, PoolGuard, active_listeners
-from poolwatch._record import events
+from poolwatch._guard import ConnectionLeaked, Leak, PoolGuard
+from tests.test_guard_in_process import _line
+from tests.test_guard_in_process import sites_relative_to_the_repository as sites_relative_to_the_repository
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = "tests/test_guard_mutants.py"
-
-
-def _line() -> int:
-    """The caller's line: the site a report must name for a checkout made on it."""
-    return sys._getframe(1).f_lineno
-
-
-@pytest.fixture(autouse=True)
-def sites_relative_to_the_repository() -> Iterator[None]:
-    before = events._application_root
-    events.set_application_root(str(ROOT))
-    yield
-    events._application_root = before
-    events.shown_path.cache_clear()
-    assert active_listeners() == (0, 0)
 
 
 def static_engine(poolclass: type[Any] = StaticPool, **kwargs: Any) -> Engine:

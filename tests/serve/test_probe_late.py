@@ -29,6 +29,7 @@ from poolwatch._serve import probe
 from poolwatch._serve.probe import ProbeResult, _Flight, _PoolProbeState
 from tests.serve import test_probe_pings as pings
 from tests.serve.test_probe_pings import _Pool, _Script
+from tests.serve.test_probe_pings import make_pool as make_pool  # the same pools, closed after
 
 
 class ScriptedPingError(Exception):
@@ -62,20 +63,6 @@ def script() -> Iterator[Callable[[Callable[[int], bool | None]], _Script]]:
 
     yield install
     pings._script = None
-
-
-@pytest.fixture
-async def make_pool(sync_url: str, registry: CollectorRegistry) -> Any:  # an async generator fixture
-    made: list[_Pool] = []
-
-    def make(driver: str, size: int) -> _Pool:
-        pool = _Pool(sync_url, driver, registry, size)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        await pool.close()
 
 
 def _in_flight(recorder: PoolRecorder, started: float, deadline: float) -> tuple[_PoolProbeState, _Flight]:
