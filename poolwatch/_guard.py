@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import threading
 import weakref
@@ -291,9 +292,10 @@ class PoolGuard:
         self._held_by_tasks: list[tuple[_Checkout, str]] = []
         self._engines: tuple[Engine, ...] | None = None
         # Driver pools given to ``only()`` (None: every watched driver pool), and when the guard
-        # started, on the recorders' clock: driver checkouts taken since are the test's.
+        # started, on the recorders' clock: driver checkouts taken since are the test's. Never
+        # started, it has seen none, as it has seen no engine's checkout (no listener ran).
         self._driver_pools: tuple[Any, ...] | None = None
-        self._started_at = perf_counter()
+        self._started_at = math.inf
         self._running = False
 
     # - public

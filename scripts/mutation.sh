@@ -74,7 +74,7 @@ for group in "${groups[@]}"; do
         tests/test_held_idle_and_failures.py tests/test_held_idle_database_time.py
         tests/record/test_copies.py tests/record/test_failed_statements.py
         tests/record/test_failed_statement_usage.py tests/test_acquires_and_closings.py
-        tests/record/test_dialect_counts.py
+        tests/record/test_dialect_counts.py tests/record/test_statement_timer.py
         tests/test_idle_in_transaction.py tests/test_response_holds.py tests/test_pool_counts.py
       )
       ;;
@@ -104,6 +104,7 @@ for group in "${groups[@]}"; do
       tests+=(
         tests/test_guard.py tests/test_guard_checkouts.py tests/test_pytest_plugin.py
         tests/test_guard_in_process.py tests/test_pytest_plugin_in_process.py
+        tests/test_guard_mutants.py tests/test_guard_driver_pools.py
         tests/test_settings.py tests/test_settings_documented.py tests/test_settings_refusals.py
       )
       ;;

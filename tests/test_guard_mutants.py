@@ -275,3 +275,27 @@ def test_a_driver_checkout_at_the_instant_the_guard_started_is_the_tests(
         monkeypatch.undo()
         watch.close()
         pool.close()
+
+
+def test_a_guard_never_started_has_seen_no_driver_checkout(postgres_url: str) -> None:
+    """A ``PoolGuard`` made and not started has no listener on any pool, so it saw no engine's
+    checkout; it owns no driver pool's checkout either, until ``start()``."""
+    pool = psycopg_pool.ConnectionPool(postgres_url, min_size=1, max_size=2, open=True)
+    watch = poolwatch.watch(pool, registry=CollectorRegistry(), name="unstarted")
+    guard = PoolGuard()
+    kept = []
+    try:
+        kept.append(pool.getconn())
+        assert guard.leaks() == []
+        guard.start()
+        kept.append(pool.getconn()); taken = _line()  # noqa: E702  # fmt: skip
+        function = "test_a_guard_never_started_has_seen_no_driver_checkout"
+        assert guard.leaks() == [
+            Leak(reclaimed=False, site=f"{HERE}:{taken}", function=function, route=None, pool="unstarted")
+        ]
+    finally:
+        guard.stop()
+        for connection in kept:
+            pool.putconn(connection)
+        watch.close()
+        pool.close()

@@ -255,7 +255,7 @@ class _StatementTimer:
                     found = exemplar(elapsed)
                     if found is not None:
                         exemplars[operation] = found
-                if slow and elapsed >= slow:
+                if slow and elapsed > slow:  # slower than the setting, as documented
                     _log_slow_query(recorder, statement, elapsed, slow)
             except Exception as failure:
                 internal_errors.record("statement", failure)
