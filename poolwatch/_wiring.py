@@ -60,6 +60,7 @@ class _Instrumented:
         self.recorder = PoolRecorder(name, SqlAlchemySource(engine), settings)
         self.listeners = EngineListeners(self.recorder)
         self.owners = 0
+        self.slow_query_seconds = settings.slow_query_seconds
         hook_pool(engine.pool, self.recorder)
         hook_dialect(engine.dialect, self.recorder, settings.slow_query_seconds)
         self.listeners.install(engine)
@@ -379,6 +380,19 @@ class PoolWatch:
         return f"PoolWatch(pools={self.pool_names!r})"
 
 
+def _hook_shared_dialect(dialect: Any) -> None:
+    """Put statement hooks back on a dialect that an engine still watched shares.
+
+    A ``copy.copy`` of an engine shares its parent's dialect; once disposed it has a pool of its
+    own, watched apart. The dialect carries one set of hooks, the last watched engine's; releasing
+    one of the engines takes them off, so the latest engine still watched gets them back, else its
+    statements would no longer be timed at all. Caller holds the lock.
+    """
+    sharing = [i for e, i in list(_instrumented.items()) if e.dialect is dialect]
+    if sharing:
+        hook_dialect(dialect, sharing[-1].recorder, sharing[-1].slow_query_seconds)
+
+
 def _release_engine(engine: Any, shared: _RegistryCollector) -> None:
     """Drop one owner of ``engine``; the last one takes the hooks off. Caller holds the lock."""
     instrumented = _instrumentation(engine)
@@ -392,6 +406,7 @@ def _release_engine(engine: Any, shared: _RegistryCollector) -> None:
         else:
             instrumented.release(engine)
             del _instrumented[engine]
+            _hook_shared_dialect(engine.dialect)
     recorder = instrumented.recorder
     shared.holders[recorder] = shared.holders.get(recorder, 1) - 1
     if shared.holders[recorder] <= 0:

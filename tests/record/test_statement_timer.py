@@ -405,3 +405,35 @@ def test_a_copy_sharing_the_dialect_times_each_statement_once(
         first.close()
         engine.dispose()
         copied.dispose()
+
+
+@pytest.mark.parametrize("closed_first", ["copy", "original"])
+def test_the_engine_still_watched_keeps_timing_when_the_other_sharing_its_dialect_is_released(
+    sync_url: str, registry: CollectorRegistry, closed_first: str
+) -> None:
+    """Releasing either engine takes the hooks off the dialect they share; the one still watched
+    gets them back, and its statements go on being timed."""
+    engine = sa.create_engine(sync_url)
+    with engine.connect():
+        pass
+    copied = copy.copy(engine)
+    copied.dispose()
+    watches = {
+        "original": poolwatch.watch(engine, registry=registry, name="original"),
+        "copy": poolwatch.watch(copied, registry=registry, name="copy"),
+    }
+    engines = {"original": engine, "copy": copied}
+    kept = "copy" if closed_first == "original" else "original"
+    try:
+        watches[closed_first].close()
+        with engines[kept].connect() as connection:
+            for _ in range(2):
+                connection.exec_driver_sql("SELECT 1")
+        assert scrape(registry).total("poolwatch_query_seconds_count", pool=kept) == 2
+    finally:
+        for watch in watches.values():
+            watch.close()
+        engine.dispose()
+        copied.dispose()
+    # Both released: the dialect is the driver's own again.
+    assert "do_execute" not in engine.dialect.__dict__
