@@ -75,6 +75,7 @@ for group in "${groups[@]}"; do
         tests/record/test_copies.py tests/record/test_failed_statements.py
         tests/record/test_failed_statement_usage.py tests/test_acquires_and_closings.py
         tests/record/test_dialect_counts.py tests/record/test_statement_timer.py
+        tests/record/test_checkout_edges.py
         tests/test_idle_in_transaction.py tests/test_response_holds.py tests/test_pool_counts.py
       )
       ;;
